@@ -1,0 +1,35 @@
+# Every target sets up what it needs: a fresh clone runs `make test` or `make run` as is.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: test lint run bench soak clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+lint: $(STAMP)
+	$(BIN)/ruff check writebehind tests benchmarks
+	$(BIN)/ruff format --check writebehind
+	$(BIN)/mypy --strict writebehind
+
+test: lint
+	$(BIN)/pytest -q
+
+# The main job: a scripted chat on ./chat_sessions.db, shut down, reopened, shown.
+run: $(STAMP)
+	$(BIN)/python -m writebehind.demo
+
+bench: $(STAMP)
+	$(BIN)/pytest benchmarks -q -p no:randomly --benchmark-only \
+		--benchmark-group-by=group --benchmark-columns=min,median,mean,ops,rounds
+
+soak: $(STAMP)
+	WRITEBEHIND_SOAK=1 $(BIN)/pytest -q tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .benchmarks *.egg-info

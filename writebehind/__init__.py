@@ -1,0 +1,53 @@
+"""writebehind: write-behind persistence for chat sessions.
+
+An in-memory hot tier answers every read and write; a background worker batches
+what changed for signed-in users into SQLite (WAL) on an interval and at shutdown.
+"""
+
+from .backends.base import Backend, RecordError, SessionDelta
+from .backends.sqlite import SQLiteBackend
+from .config import Config
+from .errors import (
+    BackPressureError,
+    ClosedError,
+    ConfigError,
+    ConflictError,
+    NotFound,
+    SchemaError,
+    StorageError,
+    ValidationError,
+    WriteBehindError,
+)
+from .model import SessionRecord, SessionSummary, StoredMessage, UserId
+from .policy import PersistencePolicy, authenticated_only, persist_nothing
+from .stats import StoreStats
+from .store import UNSET, SessionStore
+from .writebehind import WriteBehindStore
+
+__all__ = [
+    "UNSET",
+    "BackPressureError",
+    "Backend",
+    "ClosedError",
+    "Config",
+    "ConfigError",
+    "ConflictError",
+    "NotFound",
+    "PersistencePolicy",
+    "RecordError",
+    "SQLiteBackend",
+    "SchemaError",
+    "SessionDelta",
+    "SessionRecord",
+    "SessionStore",
+    "SessionSummary",
+    "StorageError",
+    "StoreStats",
+    "StoredMessage",
+    "UserId",
+    "ValidationError",
+    "WriteBehindError",
+    "WriteBehindStore",
+    "authenticated_only",
+    "persist_nothing",
+]

@@ -1,0 +1,1 @@
+"""Backends: where the write-behind store keeps what it flushes."""

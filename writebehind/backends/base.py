@@ -1,0 +1,71 @@
+"""The `Backend` Protocol: what the write-behind store needs from a database.
+
+A backend is used by one store. Writes (`write_batch`, the deletes, `purge_older_than`)
+are only ever called by that store's `FlushWorker`, one at a time, in queue order;
+reads (`load_session`, `list_sessions`, `iter_user_sessions`) may run concurrently
+with a write and must see only committed data.
+
+Errors: a backend raises `StorageError` (or a subclass) for anything that went wrong
+in the database, with the driver's exception as `__cause__`; `RecordError` when the
+data of one session was refused (so the worker can isolate it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+from ..errors import StorageError
+from ..model import SessionRecord, SessionSummary, StoredMessage, UserId
+
+__all__ = ["Backend", "RecordError", "SessionDelta"]
+
+
+class RecordError(StorageError):
+    """The backend refused the data of particular sessions (a constraint, a bad value)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionDelta:
+    """What changed in one session since its last flush.
+
+    `record` carries the session row (its `messages` are empty); `messages` are only
+    the messages added or edited since the last flush, in `seq` order;
+    `message_count` is the session's total.
+    """
+
+    record: SessionRecord
+    messages: tuple[StoredMessage, ...]
+    message_count: int
+
+
+@runtime_checkable
+class Backend(Protocol):
+    async def open(self) -> None:
+        """Create or migrate the schema. Refuses (SchemaError) a store it cannot use."""
+
+    async def close(self) -> None: ...
+
+    async def write_batch(self, deltas: Sequence[SessionDelta]) -> None:
+        """Upsert all deltas in one transaction: all of it lands, or none of it."""
+
+    async def load_session(self, session_id: str) -> SessionRecord | None: ...
+
+    async def list_sessions(
+        self, user_id: UserId, *, limit: int | None = None, offset: int = 0
+    ) -> list[SessionSummary]:
+        """The user's sessions, most recently updated first."""
+
+    async def delete_session(self, session_id: str, user_id: UserId | None) -> bool:
+        """Delete the session (only if owned by `user_id`, unless that is None); True if it was there."""
+
+    async def delete_user(self, user_id: UserId) -> list[str]:
+        """Delete every session of the user in one transaction; returns their ids."""
+
+    async def purge_older_than(self, cutoff: datetime, *, chunk: int = 500) -> int:
+        """Delete sessions whose last activity is before `cutoff`, in small transactions."""
+
+    def iter_user_sessions(self, user_id: UserId) -> AsyncIterator[SessionRecord]:
+        """Every session of the user, whole, a few at a time (for export)."""

@@ -1,0 +1,50 @@
+"""Schema migrations. `SQLITE[n]` takes a database from `user_version` n to n + 1.
+
+Append only: a released migration is never edited, a change is a new one.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = ["SQLITE"]
+
+# Timestamps are INTEGER microseconds since the epoch (UTC): exact round trips, cheap
+# comparisons. `user_id` has no declared type on purpose: with no affinity an int stays
+# an INTEGER and a str stays TEXT, so user 1 and user "1" are different users.
+#
+# `messages` is a rowid table whose (session_id, seq) primary key is a unique index:
+# measured here with 500-byte messages it inserts about 3.5x faster than the same table
+# WITHOUT ROWID (python /tmp/layout.py, see README). Message ids are kept unique by the
+# store in memory rather than by a second index, which cost about 30% of insert speed.
+SQLITE: Final[tuple[str, ...]] = (
+    """
+    CREATE TABLE sessions (
+        id             TEXT PRIMARY KEY NOT NULL,
+        user_id,
+        created_at     INTEGER NOT NULL,
+        updated_at     INTEGER NOT NULL,
+        last_access_at INTEGER NOT NULL,
+        status         TEXT NOT NULL,
+        title          TEXT,
+        client_ip      TEXT,
+        user_agent     TEXT,
+        message_count  INTEGER NOT NULL DEFAULT 0,
+        version        INTEGER NOT NULL DEFAULT 1
+    );
+    CREATE INDEX sessions_user_updated ON sessions (user_id, updated_at);
+    CREATE INDEX sessions_updated ON sessions (updated_at);
+    CREATE INDEX sessions_last_access ON sessions (last_access_at);
+    CREATE TABLE messages (
+        session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+        seq        INTEGER NOT NULL,
+        id         TEXT NOT NULL,
+        role       TEXT NOT NULL,
+        content    TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        metadata   TEXT,
+        PRIMARY KEY (session_id, seq)
+    );
+    """,
+)

@@ -1,0 +1,125 @@
+"""Configuration: one frozen dataclass, every field with a default that works out of the box."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Final
+
+from .errors import ConfigError
+
+__all__ = ["ENV_VARS", "Config"]
+
+SYNCHRONOUS_MODES: Final = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Settings of a `WriteBehindStore` and its SQLite backend.
+
+    Invalid values raise `ConfigError` naming the field (or, from `from_env`,
+    the environment variable).
+    """
+
+    db_path: Path = Path("./chat_sessions.db")
+    retention_days: int = 90
+    cleanup_interval_hours: float = 24.0
+    flush_interval_ms: int = 1000
+    flush_batch: int = 500
+    cache_size: int = 10_000
+    max_dirty: int = 10_000
+    anon_ttl_seconds: float = 3600.0
+    synchronous: str = "NORMAL"
+    max_flushes_per_second: float = 50.0
+    busy_timeout_ms: int = 5000
+    backpressure_timeout_ms: int = 1000
+    shutdown_timeout_seconds: float = 10.0
+    max_message_bytes: int = 1_000_000
+    retry_max_delay_ms: int = 30_000
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.db_path, Path):
+            object.__setattr__(self, "db_path", Path(self.db_path))
+        positive = (
+            "cleanup_interval_hours",
+            "flush_interval_ms",
+            "flush_batch",
+            "cache_size",
+            "max_dirty",
+            "anon_ttl_seconds",
+            "max_flushes_per_second",
+            "max_message_bytes",
+            "retry_max_delay_ms",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in (
+            "retention_days",
+            "busy_timeout_ms",
+            "backpressure_timeout_ms",
+            "shutdown_timeout_seconds",
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        mode = self.synchronous.upper()
+        if mode not in SYNCHRONOUS_MODES:
+            raise ConfigError(f"synchronous must be one of {SYNCHRONOUS_MODES}, got {self.synchronous!r}")
+        object.__setattr__(self, "synchronous", mode)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
+        """Read `CHAT_SESSION_*` variables; unset ones keep their defaults."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, (var, parse) in ENV_VARS.items():
+            raw = env.get(var)
+            if raw is None or raw.strip() == "":
+                continue
+            try:
+                values[name] = parse(raw.strip())
+            except ValueError:
+                raise ConfigError(f"{var}={raw!r} is not a valid {parse.__name__}") from None
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            # Re-say the problem in terms of the variable the operator actually set.
+            text = str(exc)
+            for name, (var, _) in ENV_VARS.items():
+                if text.startswith(name + " "):
+                    raise ConfigError(f"{var}: {text}") from None
+            raise
+
+
+def _path(raw: str) -> Path:
+    return Path(raw)
+
+
+def _str(raw: str) -> str:
+    return raw
+
+
+_path.__name__ = "path"
+_str.__name__ = "string"
+
+ENV_VARS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
+    "db_path": ("CHAT_SESSION_DB_PATH", _path),
+    "retention_days": ("CHAT_SESSION_RETENTION_DAYS", int),
+    "cleanup_interval_hours": ("CHAT_SESSION_CLEANUP_INTERVAL_HOURS", float),
+    "flush_interval_ms": ("CHAT_SESSION_FLUSH_INTERVAL_MS", int),
+    "flush_batch": ("CHAT_SESSION_FLUSH_BATCH", int),
+    "cache_size": ("CHAT_SESSION_CACHE_SIZE", int),
+    "max_dirty": ("CHAT_SESSION_MAX_DIRTY", int),
+    "anon_ttl_seconds": ("CHAT_SESSION_ANON_TTL_SECONDS", float),
+    "synchronous": ("CHAT_SESSION_SYNCHRONOUS", _str),
+    "max_flushes_per_second": ("CHAT_SESSION_MAX_FLUSHES_PER_SECOND", float),
+    "busy_timeout_ms": ("CHAT_SESSION_BUSY_TIMEOUT_MS", int),
+    "backpressure_timeout_ms": ("CHAT_SESSION_BACKPRESSURE_TIMEOUT_MS", int),
+    "shutdown_timeout_seconds": ("CHAT_SESSION_SHUTDOWN_TIMEOUT_SECONDS", float),
+    "max_message_bytes": ("CHAT_SESSION_MAX_MESSAGE_BYTES", int),
+    "retry_max_delay_ms": ("CHAT_SESSION_RETRY_MAX_DELAY_MS", int),
+}
+
+assert set(ENV_VARS) == {f.name for f in fields(Config)}

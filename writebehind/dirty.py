@@ -1,0 +1,195 @@
+"""The dirty index: what changed in the hot tier since it last reached disk.
+
+Granularity is the message: 500 streamed tokens into one message between two
+flushes leave one mark (its `seq`), so they become one row write. The index pins
+every session it holds (or has in flight) in the hot tier, so a dirty session is
+never evicted before it is on disk.
+
+`take` moves marks out to a batch and snapshots the rows; `done` forgets them
+once committed; `restore` puts them back after a failure, unless the session
+was deleted meanwhile (so a failed flush cannot resurrect a deleted session).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Final
+
+from .backends.base import SessionDelta
+from .store import SessionStore, _Session
+
+__all__ = ["POISON_AFTER", "DirtyIndex", "Taken"]
+
+POISON_AFTER: Final = 3
+
+
+@dataclass(slots=True)
+class _Marks:
+    row: bool = False
+    full: bool = False
+    seqs: set[int] = field(default_factory=set)
+
+    def merge(self, other: _Marks) -> None:
+        self.row |= other.row
+        self.full |= other.full
+        self.seqs |= other.seqs
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """One session's part of a batch in flight."""
+
+    session: _Session
+    marks: _Marks
+    delta: SessionDelta
+
+
+class DirtyIndex:
+    def __init__(self, hot: SessionStore) -> None:
+        self._hot = hot
+        # Insertion order is age: the oldest dirty session is flushed first.
+        self._dirty: dict[str, _Marks] = {}
+        self._inflight: dict[str, int] = {}
+        # Sessions whose own data the backend refused, and how often in a row.
+        self._refusals: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._dirty)
+
+    def backlog(self) -> int:
+        """Sessions not yet known to be on disk: dirty or in flight (an upper bound: a
+        session both dirty again and in flight counts twice). Back-pressure uses this."""
+        return len(self._dirty) + len(self._inflight)
+
+    def holds(self, session_id: str) -> bool:
+        """Dirty or in flight: already counted in the backlog."""
+        return session_id in self._dirty or session_id in self._inflight
+
+    def pending(self) -> int:
+        """Distinct sessions dirty or in flight."""
+        return len(self._dirty.keys() | self._inflight.keys())
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._dirty
+
+    def _marks(self, session_id: str) -> _Marks:
+        marks = self._dirty.get(session_id)
+        if marks is None:
+            marks = self._dirty[session_id] = _Marks()
+            self._hot._pin(session_id)
+        return marks
+
+    def mark_row(self, session_id: str) -> None:
+        self._marks(session_id).row = True
+
+    def mark_message(self, session_id: str, seq: int) -> None:
+        marks = self._marks(session_id)
+        marks.row = True
+        marks.seqs.add(seq)
+
+    def mark_full(self, session_id: str) -> None:
+        marks = self._marks(session_id)
+        marks.row = True
+        marks.full = True
+
+    def discard(self, session_id: str) -> None:
+        """Forget the session's marks (it was deleted)."""
+        self._dirty.pop(session_id, None)
+        self._refusals.pop(session_id, None)
+        if session_id not in self._inflight:
+            self._hot._unpin(session_id)
+
+    def dirty_messages(self) -> int:
+        total = 0
+        for sid, marks in self._dirty.items():
+            if marks.full:
+                session = self._hot._peek(sid)
+                total += 0 if session is None else len(session.messages)
+            else:
+                total += len(marks.seqs)
+        return total
+
+    def take(self, max_sessions: int, max_messages: int) -> list[Taken]:
+        """Move up to `max_sessions` of the oldest dirty sessions into a batch.
+
+        Stops early once the batch holds `max_messages` rows (at least one session is
+        always taken) so that building it never holds the event loop for long.
+        """
+        batch: list[Taken] = []
+        messages = 0
+        poisoned = self.poisoned()
+        candidates = list(islice(self._dirty, max_sessions + len(poisoned)))
+        for sid in candidates:
+            if len(batch) >= max_sessions or (batch and messages >= max_messages):
+                break
+            if sid in poisoned:
+                continue
+            marks = self._dirty.pop(sid)
+            session = self._hot._peek(sid)
+            if session is None:
+                # Deleted without going through `discard` cannot happen; be safe anyway.
+                self._hot._unpin(sid)
+                continue
+            if marks.full:
+                rows = tuple(session.messages)
+            else:
+                all_messages = session.messages
+                rows = tuple(all_messages[seq - 1] for seq in sorted(marks.seqs))
+            delta = SessionDelta(session.snapshot(with_messages=False), rows, len(session.messages))
+            batch.append(Taken(session, marks, delta))
+            self._inflight[sid] = self._inflight.get(sid, 0) + 1
+            messages += len(rows)
+        return batch
+
+    def take_one(self, session_id: str) -> list[Taken]:
+        """A batch of just this session, if it is dirty and not poisoned."""
+        if session_id not in self._dirty or session_id in self.poisoned():
+            return []
+        # Move it to the front so that `take` finds it first.
+        self._dirty = {session_id: self._dirty.pop(session_id)} | self._dirty
+        return self.take(1, 0)
+
+    def done(self, batch: list[Taken]) -> None:
+        for taken in batch:
+            sid = taken.delta.record.id
+            self._settle(sid)
+            self._refusals.pop(sid, None)
+
+    def refused(self, session_id: str) -> int:
+        """Count a refusal of this session's data; returns how many in a row."""
+        count = self._refusals.get(session_id, 0) + 1
+        self._refusals[session_id] = count
+        return count
+
+    def poisoned(self) -> set[str]:
+        """Sessions refused `POISON_AFTER` times in a row: kept in memory, no longer tried."""
+        return {sid for sid, n in self._refusals.items() if n >= POISON_AFTER}
+
+    def restore(self, batch: list[Taken]) -> None:
+        back: dict[str, _Marks] = {}
+        for taken in batch:
+            sid = taken.delta.record.id
+            if self._hot._peek(sid) is not taken.session:
+                self._settle(sid)
+                continue  # deleted (or deleted and re-created) meanwhile: nothing to put back
+            marks = self._dirty.get(sid)
+            if marks is None:
+                back[sid] = taken.marks
+                self._hot._pin(sid)
+            else:
+                marks.merge(taken.marks)
+            self._settle(sid)
+        if back:
+            # Back to the front: they are older than anything marked since they were taken.
+            self._dirty = back | self._dirty
+
+    def _settle(self, sid: str) -> None:
+        count = self._inflight.pop(sid, 0) - 1
+        if count > 0:
+            self._inflight[sid] = count
+        elif sid not in self._dirty:
+            self._hot._unpin(sid)
+
+    def session_ids(self) -> list[str]:
+        return list(self._dirty)

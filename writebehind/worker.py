@@ -1,0 +1,363 @@
+"""`FlushWorker`: the only path to disk for writes.
+
+Everything that must reach the backend is a request on one `asyncio.Queue`,
+handled by one task, one at a time: flush cycles, deletes, purges. Ordering
+therefore comes from the queue, not from locks: a delete queued behind a flush
+runs after that flush has committed or been rolled back, so no flush can bring
+deleted data back.
+
+A flush cycle writes everything that was dirty when it began, a batch per
+transaction. Callers that want durability (`sync()`) wait for the next cycle to
+finish; all callers waiting for the same cycle share its transactions (group
+commit). A failed cycle keeps the data in memory and retries after an
+exponential backoff with full jitter, capped; nothing spins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final, TypeVar
+
+from asyncio_throttle.throttler import Throttler
+
+from .backends.base import Backend, RecordError
+from .dirty import DirtyIndex, Taken
+from .errors import ClosedError, StorageError
+from .model import utcnow
+
+__all__ = ["FlushWorker", "WorkerStats"]
+
+LOG = logging.getLogger("writebehind")
+
+T = TypeVar("T")
+_FLUSH: Final = object()
+_STOP: Final = object()
+_RETRY_BASE_S: Final = 0.05
+_MAX_MESSAGES_PER_BATCH: Final = 2000
+
+
+@dataclass(slots=True)
+class _Call:
+    fn: Callable[[], Awaitable[Any]]
+    future: asyncio.Future[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStats:
+    queue_depth: int
+    durable_waiters: int
+    batches_flushed: int
+    sessions_flushed: int
+    messages_flushed: int
+    flush_latency_last_ms: float | None
+    flush_latency_p50_ms: float | None
+    flush_latency_p99_ms: float | None
+    consecutive_failures: int
+    total_failures: int
+    last_error: str | None
+    last_flush_at: datetime | None
+    poisoned_sessions: int
+
+
+class FlushWorker:
+    def __init__(
+        self,
+        backend: Backend,
+        dirty: DirtyIndex,
+        *,
+        interval_s: float,
+        batch_sessions: int,
+        max_flushes_per_second: float,
+        retry_max_delay_s: float,
+    ) -> None:
+        self._backend = backend
+        self._dirty = dirty
+        self._interval = interval_s
+        self._batch = batch_sessions
+        self._retry_max = retry_max_delay_s
+        self._throttler = Throttler(rate_limit=max(1, round(max_flushes_per_second)), period=1.0)
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._flush_queued = False
+        self._waiters: list[asyncio.Future[None]] = []
+        self._retry_at: float | None = None
+        self._next_flush = 0.0
+        self._stopping = False
+        self._restarts = 0
+        self.room = asyncio.Event()  # set whenever a batch commits: back-pressure waits on it
+        # stats
+        self._batches = 0
+        self._sessions = 0
+        self._messages = 0
+        self._latencies: deque[float] = deque(maxlen=1024)
+        self._failures = 0
+        self._total_failures = 0
+        self._last_error: str | None = None
+        self._last_flush_at: datetime | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stopping = False
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="writebehind-flush-worker")
+            self._task.add_done_callback(self._exited)
+
+    def _exited(self, task: asyncio.Task[None]) -> None:
+        if not self._stopping:
+            reason = "was cancelled" if task.cancelled() else f"crashed: {task.exception()!r}"
+            LOG.error(
+                "flush worker %s; %d dirty sessions kept in memory, it restarts on the next request",
+                reason,
+                len(self._dirty),
+            )
+
+    def _revive(self) -> None:
+        # The task is the only path to disk: if something outside cancelled it (or it
+        # crashed) while the store runs, the next request starts another rather than let
+        # dirty data sit in memory for good. Not from the done-callback: that also fires
+        # while the event loop shuts down, when no new task may start.
+        task = self._task
+        if task is not None and task.done() and not self._stopping:
+            self._restarts += 1
+            self.start()
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def stop(self) -> None:
+        """Let the queue drain (every call queued so far is answered), then end the task."""
+        self._stopping = True
+        task = self._task
+        if task is None:
+            return
+        if not task.done():
+            self._queue.put_nowait(_STOP)
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._task = None
+        self._fail_pending(ClosedError("the store is closed"))
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(exc)
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if isinstance(item, _Call) and not item.future.done():
+                item.future.set_exception(exc)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Ask for a flush cycle soon (a batch has filled, or a durable caller is waiting)."""
+        self._revive()
+        if not self._flush_queued:
+            self._flush_queued = True
+            self._queue.put_nowait(_FLUSH)
+
+    async def sync(self) -> None:
+        """Return once everything dirty now is on disk; raise StorageError if that failed."""
+        self._require_running()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self.kick()
+        await waiter
+
+    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run `fn` in queue order (after everything queued before it), return its result."""
+        self._require_running()
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Call(fn, future))
+        return await future
+
+    def _require_running(self) -> None:
+        self._revive()
+        if not self.running:
+            raise ClosedError("the store is not running (call start(), or it was closed)")
+
+    # -- the task ------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        self._next_flush = time.monotonic() + self._interval
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), self._timeout())
+                except TimeoutError:
+                    item = None
+                if item is _STOP:
+                    return
+                if item is _FLUSH:
+                    self._flush_queued = False
+                    await self._cycle()
+                elif isinstance(item, _Call):
+                    await self._run_call(item)
+                if time.monotonic() >= self._due():
+                    await self._cycle()
+        except asyncio.CancelledError:
+            self._flush_queued = False
+            self._fail_pending(ClosedError("the flush worker was cancelled"))
+            raise
+
+    def _due(self) -> float:
+        """When the next cycle runs unasked: the interval, or the end of a backoff."""
+        return self._next_flush if self._retry_at is None else self._retry_at
+
+    def _timeout(self) -> float:
+        return max(0.0, self._due() - time.monotonic())
+
+    async def _run_call(self, call: _Call) -> None:
+        if call.future.done():  # the caller gave up (cancelled)
+            return
+        try:
+            result = await call.fn()
+        except Exception as exc:
+            if not call.future.done():
+                call.future.set_exception(exc)
+        else:
+            if not call.future.done():
+                call.future.set_result(result)
+
+    async def _cycle(self) -> None:
+        self._next_flush = time.monotonic() + self._interval
+        waiters, self._waiters = self._waiters, []
+        if self._retry_at is not None and time.monotonic() < self._retry_at:
+            # Backing off after a failure: durable callers learn now rather than wait it out.
+            _settle(waiters, StorageError(f"storage is failing, retrying later: {self._last_error}"))
+            return
+        try:
+            await self.flush_all()
+        except StorageError as exc:
+            _settle(waiters, exc)
+        except BaseException:
+            _settle(waiters, ClosedError("the flush worker stopped"))
+            raise
+        else:
+            _settle(waiters, None)
+
+    async def flush_all(self) -> None:
+        """Write everything dirty when called, in batches. Called only from the task (or
+        by the store at shutdown, once the task has stopped)."""
+        remaining = len(self._dirty)
+        while remaining > 0:
+            batch = self._dirty.take(min(self._batch, remaining), _MAX_MESSAGES_PER_BATCH)
+            if not batch:
+                break
+            remaining -= len(batch)
+            await self._write(batch)
+
+    async def _write(self, batch: list[Taken]) -> None:
+        try:
+            async with self._throttler:
+                started = time.perf_counter()
+                await self._backend.write_batch([t.delta for t in batch])
+        except RecordError as exc:
+            if len(batch) == 1:
+                self._poison(batch, exc)
+                return
+            # One session's data is refused: write them one by one so the rest lands.
+            self._dirty.restore(batch)
+            for taken in batch:
+                single = self._dirty.take_one(taken.delta.record.id)
+                if single:
+                    await self._write(single)
+            return
+        except StorageError as exc:
+            self._dirty.restore(batch)
+            self._failed(exc)
+            raise
+        except BaseException:
+            self._dirty.restore(batch)
+            raise
+        latency = (time.perf_counter() - started) * 1000
+        self._dirty.done(batch)
+        self._succeeded(batch, latency)
+
+    def _poison(self, batch: list[Taken], exc: StorageError) -> None:
+        sid = batch[0].delta.record.id
+        self._dirty.restore(batch)
+        tries = self._dirty.refused(sid)
+        if sid in self._dirty.poisoned():
+            LOG.error(
+                "session %s refused by the backend %d times; kept in memory, no longer retried: %s",
+                sid,
+                tries,
+                exc,
+            )
+        else:
+            LOG.warning("session %s refused by the backend (try %d): %s", sid, tries, exc)
+
+    def _succeeded(self, batch: list[Taken], latency_ms: float) -> None:
+        if self._failures:
+            LOG.info("storage recovered after %d failed attempts", self._failures)
+        self._failures = 0
+        self._retry_at = None
+        self._batches += 1
+        self._sessions += len(batch)
+        self._messages += sum(len(t.delta.messages) for t in batch)
+        self._latencies.append(latency_ms)
+        self._last_flush_at = utcnow()
+        self.room.set()
+        self.room.clear()
+
+    def _failed(self, exc: StorageError) -> None:
+        self._failures += 1
+        self._total_failures += 1
+        self._last_error = str(exc)
+        cap = min(self._retry_max, _RETRY_BASE_S * 2 ** min(self._failures, 30))
+        delay = random.uniform(cap / 2, cap)
+        self._retry_at = time.monotonic() + delay
+        LOG.warning(
+            "flush failed (%d in a row, %d dirty sessions kept in memory), retrying in %.2fs: %s",
+            self._failures,
+            len(self._dirty),
+            delay,
+            exc,
+        )
+
+    # -- stats ---------------------------------------------------------------------------------
+
+    def stats(self) -> WorkerStats:
+        latencies = sorted(self._latencies)
+        return WorkerStats(
+            queue_depth=self._queue.qsize(),
+            durable_waiters=len(self._waiters),
+            batches_flushed=self._batches,
+            sessions_flushed=self._sessions,
+            messages_flushed=self._messages,
+            flush_latency_last_ms=self._latencies[-1] if self._latencies else None,
+            flush_latency_p50_ms=_quantile(latencies, 0.50),
+            flush_latency_p99_ms=_quantile(latencies, 0.99),
+            consecutive_failures=self._failures,
+            total_failures=self._total_failures,
+            last_error=self._last_error,
+            last_flush_at=self._last_flush_at,
+            poisoned_sessions=len(self._dirty.poisoned()),
+        )
+
+
+def _settle(waiters: list[asyncio.Future[None]], exc: BaseException | None) -> None:
+    for waiter in waiters:
+        if waiter.done():
+            continue
+        if exc is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(exc)
+
+
+def _quantile(ordered: list[float], q: float) -> float | None:
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
