@@ -386,11 +386,12 @@ class SessionStore:
         content = check_content(content, self.max_message_bytes)
         mid = None if message_id is None else check_id("message_id", message_id)
         metadata = check_metadata(metadata)
-        session = self._owned(session_id, user_id, binding_token)
+        session = self._owned(session_id, user_id, binding_token, touch=False)
         if mid is None:
             mid = _new_id()
         elif mid in session.index:
             raise ValidationError("message_id", f"{mid!r} already exists in session {session.id!r}")
+        self._touch(session)
         now = self._clock()
         message = StoredMessage(mid, len(session.messages) + 1, role, content, now, now, metadata)
         session.index[mid] = len(session.messages)
@@ -417,7 +418,7 @@ class SessionStore:
             check_content(append, self.max_message_bytes, "append")
         if metadata is not UNSET:
             metadata = check_metadata(metadata)
-        session = self._owned(session_id, user_id, binding_token)
+        session = self._owned(session_id, user_id, binding_token, touch=False)
         position = session.index.get(mid)
         if position is None:
             raise NotFound(session.id, mid)
@@ -428,6 +429,7 @@ class SessionStore:
         elif append is not None:
             new_content = old.content + append
             check_content(new_content, self.max_message_bytes)
+        self._touch(session)
         now = self._clock()
         message = replace(
             old,

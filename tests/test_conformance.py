@@ -1,0 +1,164 @@
+"""The backend conformance suite: every `Backend` must pass these, unchanged.
+
+Add a backend by adding a factory to `BACKENDS`; the tests never look at which one
+they are running against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from writebehind import Backend, RecordError, SessionDelta, SessionRecord, SQLiteBackend, StoredMessage
+from writebehind.model import UserId
+
+
+async def sqlite_backend(tmp_path: Path) -> Backend:
+    return SQLiteBackend(tmp_path / "conformance.db")
+
+
+BACKENDS: dict[str, Callable[[Path], Awaitable[Backend]]] = {"sqlite": sqlite_backend}
+
+T0 = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    backend = await BACKENDS[request.param](tmp_path)
+    await backend.open()
+    await backend.open()  # idempotent
+    yield backend
+    await backend.close()
+
+
+def message(seq: int, content: str | None = None, *, at: datetime = T0, **meta: object) -> StoredMessage:
+    return StoredMessage(
+        id=f"m{seq}",
+        seq=seq,
+        role="user" if seq % 2 else "assistant",
+        content=f"content {seq}" if content is None else content,
+        created_at=at + timedelta(microseconds=seq),
+        updated_at=at + timedelta(seconds=1, microseconds=seq),
+        metadata=dict(meta) or None,
+    )
+
+
+def record(
+    sid: str, user: UserId | None, n: int = 0, *, at: datetime = T0, title: str | None = "t"
+) -> SessionRecord:
+    return SessionRecord(
+        id=sid,
+        user_id=user,
+        created_at=at,
+        updated_at=at + timedelta(seconds=2),
+        last_access_at=at + timedelta(seconds=3),
+        status="active",
+        title=title,
+        messages=tuple(message(i, at=at) for i in range(1, n + 1)),
+        client_ip="192.0.2.1",
+        user_agent="pytest",
+    )
+
+
+def full(r: SessionRecord) -> SessionDelta:
+    return SessionDelta(replace(r, messages=()), r.messages, len(r.messages))
+
+
+async def test_round_trip_is_exact(backend: Backend) -> None:
+    r = replace(
+        record("s1", 42, 3),
+        messages=(
+            message(1, "NUL \x00 and emoji 🎉", k=[1, 2.5, None, True], nested={"a": "b"}),
+            message(2, ""),
+            message(3),
+        ),
+    )
+    await backend.write_batch([full(r)])
+    assert await backend.load_session("s1") == r
+    assert await backend.load_session("missing") is None
+
+
+async def test_int_and_str_user_ids_are_different_users(backend: Backend) -> None:
+    await backend.write_batch([full(record("a", 1)), full(record("b", "1"))])
+    assert [s.id for s in await backend.list_sessions(1)] == ["a"]
+    assert [s.id for s in await backend.list_sessions("1")] == ["b"]
+    loaded = await backend.load_session("b")
+    assert loaded is not None and loaded.user_id == "1"
+
+
+async def test_deltas_upsert_only_what_they_carry(backend: Backend) -> None:
+    r = record("s", 1, 3)
+    await backend.write_batch([full(r)])
+    edited = replace(message(2), content="edited", metadata={"v": 2})
+    header = replace(r, title="renamed", status="archived", messages=())
+    await backend.write_batch([SessionDelta(header, (edited, message(4)), 4)])
+    loaded = await backend.load_session("s")
+    assert loaded is not None
+    assert loaded.title == "renamed" and loaded.status == "archived"
+    assert [m.content for m in loaded.messages] == ["content 1", "edited", "content 3", "content 4"]
+    assert loaded.messages[1].metadata == {"v": 2}
+    (summary,) = await backend.list_sessions(1)
+    assert summary.message_count == 4
+
+
+async def test_a_refused_batch_writes_nothing(backend: Backend) -> None:
+    good = record("good", 1, 2)
+    bad = replace(record("bad", 1), status=None)  # type: ignore[arg-type]  # NOT NULL
+    with pytest.raises(RecordError):
+        await backend.write_batch([full(good), full(bad)])
+    assert await backend.load_session("good") is None
+    await backend.write_batch([full(good)])  # and the backend is still usable
+    assert await backend.load_session("good") == good
+
+
+async def test_list_sessions_newest_first_with_pagination(backend: Backend) -> None:
+    records = [record(f"s{i}", 7, at=T0 + timedelta(minutes=i)) for i in range(5)]
+    await backend.write_batch([full(r) for r in records] + [full(record("other", 8))])
+    listed = await backend.list_sessions(7)
+    assert [s.id for s in listed] == ["s4", "s3", "s2", "s1", "s0"]
+    assert [s.id for s in await backend.list_sessions(7, limit=2, offset=1)] == ["s3", "s2"]
+    assert listed[0].updated_at == records[4].updated_at and listed[0].message_count == 0
+    assert await backend.list_sessions(9) == []
+
+
+async def test_delete_session_respects_ownership_and_cascades(backend: Backend) -> None:
+    await backend.write_batch([full(record("s", 1, 3))])
+    assert await backend.delete_session("s", 2) is False
+    assert await backend.load_session("s") is not None
+    assert await backend.delete_session("s", 1) is True
+    assert await backend.load_session("s") is None
+    assert await backend.delete_session("s", 1) is False
+    # a re-created session of the same id starts empty: no orphaned messages came back
+    await backend.write_batch([full(record("s", 1, 0))])
+    loaded = await backend.load_session("s")
+    assert loaded is not None and loaded.messages == ()
+
+
+async def test_delete_user_removes_only_that_user(backend: Backend) -> None:
+    await backend.write_batch([full(record(f"a{i}", "alice", 2)) for i in range(3)])
+    await backend.write_batch([full(record("b", "bob", 2))])
+    assert sorted(await backend.delete_user("alice")) == ["a0", "a1", "a2"]
+    assert await backend.list_sessions("alice") == []
+    assert [s.id for s in await backend.list_sessions("bob")] == ["b"]
+    assert await backend.delete_user("alice") == []
+
+
+async def test_purge_older_than_uses_last_activity_in_chunks(backend: Backend) -> None:
+    old = [record(f"old{i}", 1, 2, at=T0 - timedelta(days=100)) for i in range(5)]
+    fresh = record("fresh", 1, 2, at=T0)
+    await backend.write_batch([full(r) for r in [*old, fresh]])
+    assert await backend.purge_older_than(T0 - timedelta(days=90), chunk=2) == 5
+    assert [s.id for s in await backend.list_sessions(1)] == ["fresh"]
+    assert await backend.purge_older_than(T0 - timedelta(days=90)) == 0
+
+
+async def test_iter_user_sessions_yields_every_session_whole(backend: Backend) -> None:
+    records = [record(f"s{i:03d}", 5, 3) for i in range(120)]
+    await backend.write_batch([full(r) for r in records])
+    await backend.write_batch([full(record("x", 6, 1))])
+    exported = [r async for r in backend.iter_user_sessions(5)]
+    assert sorted(exported, key=lambda r: r.id) == records
