@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 
 lint: $(STAMP)
 	$(BIN)/ruff check writebehind tests benchmarks
-	$(BIN)/ruff format --check writebehind
+	$(BIN)/ruff format --check writebehind tests benchmarks
 	$(BIN)/mypy --strict writebehind
 
 test: lint
@@ -25,8 +25,10 @@ run: $(STAMP)
 	$(BIN)/python -m writebehind.demo
 
 bench: $(STAMP)
-	$(BIN)/pytest benchmarks -q -p no:randomly --benchmark-only \
-		--benchmark-group-by=group --benchmark-columns=min,median,mean,ops,rounds
+	mkdir -p .benchmarks
+	$(BIN)/pytest benchmarks -q --benchmark-only --benchmark-group-by=group \
+		--benchmark-columns=min,median,mean,rounds --benchmark-json=.benchmarks/latest.json
+	$(BIN)/python benchmarks/report.py .benchmarks/latest.json
 
 soak: $(STAMP)
 	WRITEBEHIND_SOAK=1 $(BIN)/pytest -q tests

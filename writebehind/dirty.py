@@ -57,6 +57,16 @@ class DirtyIndex:
     def __len__(self) -> int:
         return len(self._dirty)
 
+    @property
+    def dirty_map(self) -> dict[str, _Marks]:
+        """The live dict of dirty sessions, for callers that need `len` or `in` on a hot
+        path without a method call. Read only."""
+        return self._dirty
+
+    @property
+    def inflight_map(self) -> dict[str, int]:
+        return self._inflight
+
     def backlog(self) -> int:
         """Sessions not yet known to be on disk: dirty or in flight (an upper bound: a
         session both dirty again and in flight counts twice). Back-pressure uses this."""
@@ -84,9 +94,21 @@ class DirtyIndex:
         self._marks(session_id).row = True
 
     def mark_message(self, session_id: str, seq: int) -> None:
-        marks = self._marks(session_id)
+        self.mark(session_id, seq)
+
+    def mark(self, session_id: str, seq: int | None = None, full: bool = False) -> int:
+        """Mark the session row (and message `seq`, or every message); returns how many
+        sessions are dirty. The hottest call of a streaming reply: when the session is
+        already dirty it is one dict lookup."""
+        marks = self._dirty.get(session_id)
+        if marks is None:
+            marks = self._marks(session_id)
         marks.row = True
-        marks.seqs.add(seq)
+        if seq is not None:
+            marks.seqs.add(seq)
+        if full:
+            marks.full = True
+        return len(self._dirty)
 
     def mark_full(self, session_id: str) -> None:
         marks = self._marks(session_id)
@@ -146,8 +168,7 @@ class DirtyIndex:
         """A batch of just this session, if it is dirty and not poisoned."""
         if session_id not in self._dirty or session_id in self.poisoned():
             return []
-        # Move it to the front so that `take` finds it first.
-        self._dirty = {session_id: self._dirty.pop(session_id)} | self._dirty
+        self._to_front({session_id: self._dirty.pop(session_id)})
         return self.take(1, 0)
 
     def done(self, batch: list[Taken]) -> None:
@@ -182,7 +203,14 @@ class DirtyIndex:
             self._settle(sid)
         if back:
             # Back to the front: they are older than anything marked since they were taken.
-            self._dirty = back | self._dirty
+            self._to_front(back)
+
+    def _to_front(self, first: dict[str, _Marks]) -> None:
+        # In place, not a new dict: the store reads this one on its fast path.
+        rest = list(self._dirty.items())
+        self._dirty.clear()
+        self._dirty.update(first)
+        self._dirty.update(rest)
 
     def _settle(self, sid: str) -> None:
         count = self._inflight.pop(sid, 0) - 1

@@ -20,7 +20,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any, Final
 
-from cachetools import Cache, LRUCache
+from cachetools import LRUCache
 
 from .errors import NotFound, ValidationError
 from .model import (
@@ -133,12 +133,6 @@ class _HotCache(LRUCache[str, _Session]):
         self.parked: dict[str, _Session] = {}
         self._on_evict = on_evict
 
-    def peek(self, key: str) -> _Session | None:
-        """Look up without moving the entry in the LRU order."""
-        if key in self:
-            return Cache.__getitem__(self, key)
-        return self.parked.get(key)
-
     def popitem(self) -> tuple[str, _Session]:
         key, value = super().popitem()
         if key in self.pins:
@@ -170,6 +164,9 @@ class SessionStore:
         if maxsize <= 0:
             raise ValidationError("maxsize", "must be > 0")
         self._cache = _HotCache(maxsize, self._forget)
+        # Every session in memory, in the LRU or parked: the one place a lookup that must
+        # not reorder the LRU (the worker's, a listing's, a fast-path check) goes.
+        self._sessions: dict[str, _Session] = {}
         self._by_user: dict[UserId, set[str]] = {}
         self._anon_order: OrderedDict[str, None] = OrderedDict()
         self._anon_ttl = anon_ttl_seconds
@@ -317,7 +314,7 @@ class SessionStore:
 
     def stats(self) -> StoreStats:
         return StoreStats(
-            hot_sessions=len(self._cache) + len(self._cache.parked),
+            hot_sessions=len(self._sessions),
             hot_hits=self._hits,
             misses=self._misses,
             evictions=self._evictions,
@@ -391,8 +388,8 @@ class SessionStore:
             mid = _new_id()
         elif mid in session.index:
             raise ValidationError("message_id", f"{mid!r} already exists in session {session.id!r}")
-        self._touch(session)
         now = self._clock()
+        self._touch(session, now)
         message = StoredMessage(mid, len(session.messages) + 1, role, content, now, now, metadata)
         session.index[mid] = len(session.messages)
         session.messages.append(message)
@@ -429,8 +426,8 @@ class SessionStore:
         elif append is not None:
             new_content = old.content + append
             check_content(new_content, self.max_message_bytes)
-        self._touch(session)
         now = self._clock()
+        self._touch(session, now)
         message = replace(
             old,
             content=new_content,
@@ -483,13 +480,15 @@ class SessionStore:
 
     def _find(self, session_id: str) -> _Session | None:
         """The entry if it is in memory (LRU-touched, unparked), else None. Never counts."""
-        cache = self._cache
-        session = cache.get(session_id)
+        session = self._sessions.get(session_id)
         if session is None:
-            session = cache.parked.pop(session_id, None)
-            if session is None:
-                return None
+            return None
+        cache = self._cache
+        if session_id in cache.parked:
+            del cache.parked[session_id]
             cache[session_id] = session
+        else:
+            cache[session_id]  # the LRU's "recently used"
         if session.user_id is None and self._monotonic() - session.last_touch > self._anon_ttl:
             self._expired += 1
             self._remove(session_id)
@@ -514,8 +513,8 @@ class SessionStore:
             self._touch(session)
         return session
 
-    def _touch(self, session: _Session) -> None:
-        session.last_access_at = self._clock()
+    def _touch(self, session: _Session, now: datetime | None = None) -> None:
+        session.last_access_at = self._clock() if now is None else now
         if session.user_id is None:
             session.last_touch = self._monotonic()
             self._anon_order[session.id] = None
@@ -524,6 +523,7 @@ class SessionStore:
     def _insert(self, record: SessionRecord) -> _Session:
         """Put a record (new, or loaded from disk) into the hot tier."""
         session = _Session(record, self._monotonic())
+        self._sessions[session.id] = session
         self._cache[session.id] = session
         if session.user_id is None:
             self._anon_order[session.id] = None
@@ -532,10 +532,11 @@ class SessionStore:
         return session
 
     def _remove(self, session_id: str) -> _Session | None:
-        session = self._cache.parked.pop(session_id, None)
-        if session is None:
-            session = self._cache.pop(session_id, None)
+        session = self._sessions.pop(session_id, None)
         if session is not None:
+            cache = self._cache
+            if cache.parked.pop(session_id, None) is None:
+                del cache[session_id]
             self._unindex(session)
         return session
 
@@ -549,6 +550,7 @@ class SessionStore:
 
     def _forget(self, session_id: str, session: _Session) -> None:
         """The LRU dropped an unpinned entry."""
+        del self._sessions[session_id]
         self._evictions += 1
         self._unindex(session)
 
@@ -572,7 +574,7 @@ class SessionStore:
         order = self._anon_order
         while order and expired < limit:
             sid = next(iter(order))
-            session = self._cache.peek(sid)
+            session = self._sessions.get(sid)
             if session is not None and session.last_touch > deadline:
                 break
             expired += 1
@@ -593,15 +595,13 @@ class SessionStore:
             self._forget(session_id, parked)
 
     def _sessions_of(self, user_id: UserId) -> Iterator[_Session]:
-        peek = self._cache.peek
+        sessions = self._sessions
         for sid in self._by_user.get(user_id, ()):
-            session = peek(sid)
-            if session is not None:
-                yield session
+            yield sessions[sid]
 
     def _peek(self, session_id: str) -> _Session | None:
         """The entry without touching the LRU or counting (for the worker and listings)."""
-        return self._cache.peek(session_id)
+        return self._sessions.get(session_id)
 
 
 def _owns(session: _Session, user_id: UserId | None, binding_token: str | None) -> bool:

@@ -41,7 +41,7 @@ T = TypeVar("T")
 _FLUSH: Final = object()
 _STOP: Final = object()
 _RETRY_BASE_S: Final = 0.05
-_MAX_MESSAGES_PER_BATCH: Final = 2000
+_MAX_MESSAGES_PER_BATCH: Final = 5000
 
 
 @dataclass(slots=True)

@@ -93,6 +93,11 @@ class WriteBehindStore:
             recovery_path = recovery_path_for(Path(db_path)) if db_path is not None else None
         self._recovery_path = recovery_path
         self._dirty = DirtyIndex(hot)
+        self._in_memory = hot._sessions  # read-only here: the hot tier owns it
+        self._dirty_map = self._dirty.dirty_map
+        self._inflight_map = self._dirty.inflight_map
+        self._max_dirty = config.max_dirty
+        self._flush_batch = config.flush_batch
         self._worker = FlushWorker(
             backend,
             self._dirty,
@@ -289,7 +294,7 @@ class WriteBehindStore:
     async def _admit(self, session_id: str, user_id: UserId | None, creating: bool = False) -> None:
         """`_ready`, plus back-pressure for a write that would dirty one more session."""
         await self._ready(session_id, user_id, creating=creating)
-        if self._dirty.backlog() < self.config.max_dirty or self._dirty.holds(session_id):
+        if self._dirty.backlog() < self._max_dirty or self._dirty.holds(session_id):
             return
         session = self._hot._peek(session_id)
         owner = user_id if session is None else session.user_id
@@ -302,7 +307,7 @@ class WriteBehindStore:
         timeout = self.config.backpressure_timeout_ms / 1000
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while self._dirty.backlog() >= self.config.max_dirty:
+        while self._dirty.backlog() >= self._max_dirty:
             self._worker.kick()
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -314,34 +319,36 @@ class WriteBehindStore:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._worker.room.wait(), remaining)
 
+    def _hot_now(self, session_id: object) -> bool:
+        """The fast path: running, in memory, no back-pressure. Then nothing awaits."""
+        return (
+            self._state is _RUNNING
+            and type(session_id) is str
+            and session_id in self._in_memory
+            and len(self._dirty_map) + len(self._inflight_map) < self._max_dirty
+        )
+
     def _persists(self, session: _Session) -> bool:
         return self._policy(session.id, session.user_id)
 
-    def _mark_row(self, session: _Session) -> bool:
+    def _wrote(self, session: _Session, seq: int | None = None, *, full: bool = False) -> bool:
+        """Mark what a write changed, if this session persists; True if it does."""
         if not self._policy(session.id, session.user_id):
             return False
-        self._dirty.mark_row(session.id)
-        self._maybe_kick()
+        if self._dirty.mark(session.id, seq, full) >= self._flush_batch:
+            self._worker.kick()
         return True
 
     def _touched(self, session_id: str) -> None:
         # A read moves last_access_at; persist it with the next flush, but never let a read
         # be the write that trips back-pressure.
-        session = self._hot._peek(session_id)
+        session = self._in_memory.get(session_id)
         if (
             session is not None
-            and (self._dirty.holds(session_id) or self._dirty.backlog() < self.config.max_dirty)
+            and (self._dirty.holds(session_id) or self._dirty.backlog() < self._max_dirty)
             and self._policy(session_id, session.user_id)
         ):
             self._dirty.mark_row(session_id)
-
-    def _maybe_kick(self) -> None:
-        if len(self._dirty) >= self.config.flush_batch:
-            self._worker.kick()
-
-    async def _durable(self, marked: bool, durable: bool) -> None:
-        if durable and marked:
-            await self._worker.sync()
 
     # -- the public API (the same as SessionStore's) -------------------------------------------
 
@@ -362,28 +369,22 @@ class WriteBehindStore:
             # A fresh random id: nothing on disk to look for.
             self._require_running()
             session_id = _new_id()
-            if self._dirty.backlog() >= self.config.max_dirty and self._policy(session_id, user_id):
+            if self._dirty.backlog() >= self._max_dirty and self._policy(session_id, user_id):
                 await self._make_room()
-        else:
+        elif not self._hot_now(session_id):
             await self._admit(session_id, user_id, creating=True)
         session, created = self._hot._ensure(
             session_id, user_id, title, status, client_ip, user_agent, binding_token, csrf_token
         )
-        marked = False
-        if self._persists(session):
-            if created:
-                self._dirty.mark_full(session.id)
-                self._maybe_kick()
-            else:
-                self._dirty.mark_row(session.id)
-            marked = True
-        await self._durable(marked, durable)
+        if self._wrote(session, full=created) and durable:
+            await self._worker.sync()
         return session.snapshot()
 
     async def get_session(
         self, session_id: str, *, user_id: UserId | None, binding_token: str | None = None
     ) -> SessionRecord:
-        await self._ready(session_id, user_id)
+        if not self._hot_now(session_id):
+            await self._ready(session_id, user_id)
         session = self._hot._owned(session_id, user_id, binding_token)
         self._touched(session_id)
         return session.snapshot()
@@ -397,7 +398,8 @@ class WriteBehindStore:
         limit: int | None = None,
         binding_token: str | None = None,
     ) -> tuple[StoredMessage, ...]:
-        await self._ready(session_id, user_id)
+        if not self._hot_now(session_id):
+            await self._ready(session_id, user_id)
         messages = await self._hot.get_messages(
             session_id,
             user_id=user_id,
@@ -420,16 +422,13 @@ class WriteBehindStore:
         binding_token: str | None = None,
         durable: bool = False,
     ) -> StoredMessage:
-        await self._admit(session_id, user_id)
+        if not self._hot_now(session_id):
+            await self._admit(session_id, user_id)
         session, message = self._hot._append(
             session_id, user_id, role, content, message_id, metadata, binding_token
         )
-        marked = False
-        if self._policy(session.id, session.user_id):
-            self._dirty.mark_message(session.id, message.seq)
-            self._maybe_kick()
-            marked = True
-        await self._durable(marked, durable)
+        if self._wrote(session, message.seq) and durable:
+            await self._worker.sync()
         return message
 
     async def update_message(
@@ -444,16 +443,13 @@ class WriteBehindStore:
         binding_token: str | None = None,
         durable: bool = False,
     ) -> StoredMessage:
-        await self._admit(session_id, user_id)
+        if not self._hot_now(session_id):
+            await self._admit(session_id, user_id)
         session, message = self._hot._update_message(
             session_id, message_id, user_id, content, append, metadata, binding_token
         )
-        marked = False
-        if self._policy(session.id, session.user_id):
-            self._dirty.mark_message(session.id, message.seq)
-            self._maybe_kick()
-            marked = True
-        await self._durable(marked, durable)
+        if self._wrote(session, message.seq) and durable:
+            await self._worker.sync()
         return message
 
     async def update_session(
@@ -466,9 +462,11 @@ class WriteBehindStore:
         binding_token: str | None = None,
         durable: bool = False,
     ) -> SessionRecord:
-        await self._admit(session_id, user_id)
+        if not self._hot_now(session_id):
+            await self._admit(session_id, user_id)
         session = self._hot._update_session(session_id, user_id, status, title, binding_token)
-        await self._durable(self._mark_row(session), durable)
+        if self._wrote(session) and durable:
+            await self._worker.sync()
         return session.snapshot()
 
     async def claim(
@@ -483,12 +481,8 @@ class WriteBehindStore:
         _require_user(user_id)
         await self._admit(session_id, user_id)
         session = self._hot._claim(session_id, user_id, binding_token)
-        marked = False
-        if self._persists(session):
-            self._dirty.mark_full(session.id)
-            self._maybe_kick()
-            marked = True
-        await self._durable(marked, durable)
+        if self._wrote(session, full=True) and durable:
+            await self._worker.sync()
         return session.snapshot()
 
     async def list_sessions(
