@@ -1,59 +1,44 @@
-"""Print the side-by-side ratios of a `make bench` run from pytest-benchmark's JSON.
+"""Print what a `make bench` run measured, from pytest-benchmark's JSON.
 
-python benchmarks/report.py .benchmarks/latest.json
+    python benchmarks/report.py .benchmarks/latest.json
+
+Every benchmark here is paired (see paired.py): the contender is timed by
+pytest-benchmark, its baseline ran interleaved with it, and the ratio is the median
+of the per-round ratios time(contender) / time(baseline), with its quartiles.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections import defaultdict
 from pathlib import Path
-from typing import Any
-
-# (group prefix, the contender, the baseline, what "good" is)
-PAIRS = [
-    ("append_message", "WriteBehindStore", "SessionStore", "target <= 1.30x"),
-    ("update_message", "WriteBehindStore", "SessionStore", ""),
-    ("get_messages", "WriteBehindStore", "SessionStore", ""),
-]
 
 
 def main(path: str) -> None:
     data = json.loads(Path(path).read_text())
-    groups: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
-    for bench in data["benchmarks"]:
-        groups[bench["group"]][bench["name"]] = bench["stats"]
-    print(
-        f"machine: {data['machine_info']['cpu'].get('brand_raw', '?')}, "
-        f"python {data['machine_info']['python_version']}"
-    )
-    for group, by_name in sorted(groups.items()):
-        print(f"\n{group}")
-        for name, stats in sorted(by_name.items()):
-            print(f"  {name:45s} min {stats['min'] * 1e3:8.3f} ms   median {stats['median'] * 1e3:8.3f} ms")
-        for prefix, contender, baseline, target in PAIRS:
-            if not group.startswith(prefix):
-                continue
-            c = next(s for n, s in by_name.items() if contender in n)
-            b = next(s for n, s in by_name.items() if baseline in n)
-            per_call = 1e6 / int(group.rsplit("x", 1)[1])
+    machine = data["machine_info"]
+    print(f"machine: {machine['cpu'].get('brand_raw', '?')}, python {machine['python_version']}")
+    for bench in sorted(data["benchmarks"], key=lambda b: b["group"]):
+        stats, extra = bench["stats"], bench["extra_info"]
+        per_round, unit = extra["per_round"], extra["unit"]
+        us = 1e6 / per_round
+        print(f"\n{bench['group']}")
+        median, low = stats["median"] * us, stats["min"] * us
+        print(f"  {extra['name']:40s} median {median:7.2f} us/{unit}   min {low:7.2f}")
+        print(
+            f"  {extra['baseline']:40s} median {extra['baseline_median_s'] * us:7.2f} us/{unit}"
+            f"   min {extra['baseline_min_s'] * us:7.2f}"
+        )
+        ratio, low, high = extra["ratio_median"], extra["ratio_p25"], extra["ratio_p75"]
+        if unit == "message":
             print(
-                f"  -> {contender} / {baseline}: {c['min'] / b['min']:.2f}x by min, "
-                f"{c['median'] / b['median']:.2f}x by median "
-                f"({c['median'] * per_call:.2f} vs {b['median'] * per_call:.2f} us a call) {target}"
+                f"  -> {per_round / stats['median']:,.0f} vs {per_round / extra['baseline_median_s']:,.0f}"
+                f" messages/s; paired: {1 / ratio:.0%} of the baseline's throughput"
+                f" (quartiles {1 / high:.0%}-{1 / low:.0%}); {extra['target']}"
             )
-        if group.startswith("flush"):
-            # Throughput is messages over total time, so the mean is its statistic; the
-            # median is unstable here because every other commit also pays SQLite's WAL
-            # auto-checkpoint, on both sides alike (a bimodal distribution).
-            wb = next(s for n, s in by_name.items() if "writebehind" in n)
-            raw = next(s for n, s in by_name.items() if "raw" in n)
-            messages = int(group.split()[1])
+        else:
             print(
-                f"  -> writebehind {messages / wb['mean']:,.0f} msg/s, raw sqlite3 "
-                f"{messages / raw['mean']:,.0f} msg/s (by mean): {raw['mean'] / wb['mean']:.0%} "
-                f"of raw (target >= 75%); {raw['min'] / wb['min']:.0%} by min"
+                f"  -> paired: {ratio:.2f}x the baseline (quartiles {low:.2f}-{high:.2f}) {extra['target']}"
             )
 
 
