@@ -386,3 +386,84 @@ async def test_closed_store_refuses_calls(make_store: StoreFactory) -> None:
     with pytest.raises(ClosedError):
         await store.flush()
     await store.aclose()  # idempotent
+
+
+async def test_claiming_an_anonymous_session_persists_it_whole(
+    make_store: StoreFactory, db_path: Path
+) -> None:
+    store = await make_store()
+    anon = await store.ensure_session(user_id=None, binding_token="cookie")
+    for i in range(5):
+        await store.append_message(
+            anon.id, user_id=None, role="user", content=f"m{i}", binding_token="cookie"
+        )
+    await store.flush()
+    assert rows(db_path, "SELECT count(*) FROM sessions") == [(0,)]  # anonymous: never written
+    await store.claim(anon.id, user_id=9, binding_token="cookie", durable=True)
+    assert rows(db_path, "SELECT user_id, message_count FROM sessions") == [(9, 5)]
+    assert rows(db_path, "SELECT content FROM messages ORDER BY seq") == [(f"m{i}",) for i in range(5)]
+
+
+async def test_listing_merges_memory_and_disk_newest_first(make_store: StoreFactory) -> None:
+    store = await make_store()
+    for i in range(6):
+        await store.ensure_session(f"s{i}", user_id=1, title=f"t{i}")
+    await store.aclose()
+    again = await make_store()
+    await again.append_message("s2", user_id=1, role="user", content="bump")  # newer in memory than on disk
+    await again.ensure_session("fresh", user_id=1)  # in memory only
+    listed = await again.list_sessions(1)
+    assert [s.id for s in listed][:2] == ["fresh", "s2"]
+    assert sorted(s.id for s in listed) == ["fresh", "s0", "s1", "s2", "s3", "s4", "s5"]
+    assert next(s for s in listed if s.id == "s2").message_count == 1
+    page = await again.list_sessions(1, limit=3, offset=1)
+    assert [s.id for s in page] == [s.id for s in listed[1:4]]
+    assert await again.list_sessions(2) == []
+
+
+async def test_resume_after_restart_reads_what_was_missed(make_store: StoreFactory) -> None:
+    store = await make_store()
+    await store.ensure_session("s", user_id=1)
+    for i in range(10):
+        await store.append_message("s", user_id=1, role="user", content=f"m{i}")
+    await store.aclose()
+    again = await make_store()
+    missed = await again.get_messages("s", user_id=1, after_seq=7)
+    assert [(m.seq, m.content) for m in missed] == [(8, "m7"), (9, "m8"), (10, "m9")]
+
+
+async def test_stats_report_what_happened(make_store: StoreFactory) -> None:
+    store = await make_store()
+    await store.ensure_session("s", user_id=1)
+    reply = await store.append_message("s", user_id=1, role="assistant", content="")
+    for _ in range(10):
+        await store.update_message("s", reply.id, user_id=1, append="x")
+    before = store.stats()
+    assert (before.dirty_sessions, before.dirty_messages, before.batches_flushed) == (1, 1, 0)
+    await store.flush()
+    after = store.stats()
+    assert (after.dirty_sessions, after.batches_flushed, after.sessions_flushed) == (0, 1, 1)
+    assert after.messages_flushed == 1 and after.last_flush_at is not None
+    assert after.flush_latency_p50_ms is not None and after.consecutive_failures == 0
+    assert after.hot_sessions == 1 and after.hot_hits >= 11
+
+
+async def test_flush_happens_on_the_interval_without_being_asked(
+    make_store: StoreFactory, db_path: Path
+) -> None:
+    store = await make_store(flush_interval_ms=20)
+    await store.ensure_session("s", user_id=1)
+    await store.append_message("s", user_id=1, role="user", content="soon on disk")
+    async with asyncio.timeout(10):
+        while store.stats().messages_flushed < 1:
+            await asyncio.sleep(0.01)
+    assert rows(db_path, "SELECT content FROM messages") == [("soon on disk",)]
+
+
+async def test_a_full_batch_triggers_a_flush(make_store: StoreFactory) -> None:
+    store = await make_store(flush_batch=5)
+    for i in range(5):
+        await store.ensure_session(f"s{i}", user_id=1)
+    async with asyncio.timeout(10):
+        while store.stats().sessions_flushed < 5:
+            await asyncio.sleep(0.01)
