@@ -36,7 +36,10 @@ async def make_store(db_path: Path) -> AsyncIterator[StoreFactory]:
             max_message_bytes=config.max_message_bytes,
         )
         store = WriteBehindStore(
-            hot, backend or SQLiteBackend(db_path, synchronous=config.synchronous), config=config
+            hot,
+            backend
+            or SQLiteBackend(db_path, synchronous=config.synchronous, busy_timeout_ms=config.busy_timeout_ms),
+            config=config,
         )
         await store.start()
         stores.append(store)

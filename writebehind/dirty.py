@@ -164,12 +164,17 @@ class DirtyIndex:
             messages += len(rows)
         return batch
 
-    def take_one(self, session_id: str) -> list[Taken]:
-        """A batch of just this session, if it is dirty and not poisoned."""
-        if session_id not in self._dirty or session_id in self.poisoned():
+    def take_these(self, session_ids: list[str]) -> list[Taken]:
+        """A batch of just these sessions (those still dirty and not poisoned)."""
+        poisoned = self.poisoned()
+        wanted = {
+            sid: self._dirty.pop(sid) for sid in session_ids if sid in self._dirty and sid not in poisoned
+        }
+        if not wanted:
             return []
-        self._to_front({session_id: self._dirty.pop(session_id)})
-        return self.take(1, 0)
+        count = len(wanted)
+        self._to_front(wanted)
+        return self.take(count, 1 << 62)
 
     def done(self, batch: list[Taken]) -> None:
         for taken in batch:

@@ -248,30 +248,45 @@ class FlushWorker:
 
     async def flush_all(self) -> None:
         """Write everything dirty when called, in batches. Called only from the task (or
-        by the store at shutdown, once the task has stopped)."""
+        by the store at shutdown, once the task has stopped).
+
+        Raises StorageError when the backend failed (everything not written stays dirty),
+        or RecordError, after writing all the rest, naming sessions whose own data the
+        backend refused.
+        """
+        refused: list[str] = []
         remaining = len(self._dirty)
         while remaining > 0:
             batch = self._dirty.take(min(self._batch, remaining), _MAX_MESSAGES_PER_BATCH)
             if not batch:
                 break
             remaining -= len(batch)
-            await self._write(batch)
+            await self._write(batch, refused)
+        if refused:
+            raise RecordError(
+                f"the backend refused the data of {len(refused)} session(s), kept in memory: "
+                + ", ".join(refused[:10])
+            )
 
-    async def _write(self, batch: list[Taken]) -> None:
+    async def _write(self, batch: list[Taken], refused: list[str]) -> None:
         try:
             async with self._throttler:
                 started = time.perf_counter()
                 await self._backend.write_batch([t.delta for t in batch])
         except RecordError as exc:
-            if len(batch) == 1:
-                self._poison(batch, exc)
-                return
-            # One session's data is refused: write them one by one so the rest lands.
             self._dirty.restore(batch)
-            for taken in batch:
-                single = self._dirty.take_one(taken.delta.record.id)
-                if single:
-                    await self._write(single)
+            if len(batch) == 1:
+                self._poison(batch[0].delta.record.id, exc)
+                refused.append(batch[0].delta.record.id)
+                return
+            # Some session's data is refused: bisect, so the rest lands in a few
+            # transactions and the bad one ends up alone.
+            ids = [t.delta.record.id for t in batch]
+            half = len(ids) // 2
+            for part in (ids[:half], ids[half:]):
+                again = self._dirty.take_these(part)
+                if again:
+                    await self._write(again, refused)
             return
         except StorageError as exc:
             self._dirty.restore(batch)
@@ -284,9 +299,7 @@ class FlushWorker:
         self._dirty.done(batch)
         self._succeeded(batch, latency)
 
-    def _poison(self, batch: list[Taken], exc: StorageError) -> None:
-        sid = batch[0].delta.record.id
-        self._dirty.restore(batch)
+    def _poison(self, sid: str, exc: StorageError) -> None:
         tries = self._dirty.refused(sid)
         if sid in self._dirty.poisoned():
             LOG.error(
