@@ -193,6 +193,16 @@ class WriteBehindStore:
         finally:
             await self._backend.close()
 
+    async def _abandon(self) -> None:
+        """Stop as a SIGKILL would: no final flush, nothing saved. For crash tests only."""
+        self._state = _CLOSED
+        self._worker._stopping = True
+        tasks = [t for t in (self._worker._task, self._housekeeping) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._backend.close()
+
     async def _final_flush(self) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.shutdown_timeout_seconds
