@@ -271,7 +271,7 @@ class WriteBehindStore:
     async def _ready(self, session_id: str, user_id: UserId | None, *, creating: bool = False) -> None:
         """Make sure the session is in memory if it exists anywhere. Suspends only on a miss."""
         self._require_running()
-        if self._hot._peek(session_id) is not None:
+        if type(session_id) is str and session_id in self._in_memory:
             return
         sid = check_id("session_id", session_id)
         uid = check_user_id(user_id)
