@@ -30,8 +30,11 @@ bench: $(STAMP)
 		--benchmark-columns=min,median,mean,rounds --benchmark-json=.benchmarks/latest.json
 	$(BIN)/python benchmarks/report.py .benchmarks/latest.json
 
+# The long runs: 10,000 model histories, 10,000 fuzzed calls, 20 SIGKILL rounds, a
+# 5,000-session load. Tens of minutes on 2 cores; not part of `make test`.
 soak: $(STAMP)
-	WRITEBEHIND_SOAK=1 $(BIN)/pytest -q tests
+	WRITEBEHIND_SOAK=1 WRITEBEHIND_CRASH_ROUNDS=20 $(BIN)/pytest -q -s --timeout=0 \
+		--hypothesis-show-statistics tests/reliability
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .benchmarks *.egg-info

@@ -21,7 +21,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 
 from writebehind import Config, NotFound, WriteBehindStore
 
@@ -203,7 +203,6 @@ class StoreMachine(RuleBasedStateMachine):
         self.model = self.persisted()
         self.durable = copy.deepcopy(self.model)
 
-    @precondition(lambda self: self.durable is not None)
     @rule()
     def crash_restart(self) -> None:
         self.run(self.store._abandon())
