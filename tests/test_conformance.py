@@ -151,9 +151,12 @@ async def test_purge_older_than_uses_last_activity_in_chunks(backend: Backend) -
     old = [record(f"old{i}", 1, 2, at=T0 - timedelta(days=100)) for i in range(5)]
     fresh = record("fresh", 1, 2, at=T0)
     await backend.write_batch([full(r) for r in [*old, fresh]])
-    assert await backend.purge_older_than(T0 - timedelta(days=90), chunk=2) == 5
+    cutoff = T0 - timedelta(days=90)
+    first = await backend.purge_older_than(cutoff, limit=2)
+    rest = await backend.purge_older_than(cutoff, limit=10)
+    assert len(first) == 2 and sorted(first + rest) == [f"old{i}" for i in range(5)]
     assert [s.id for s in await backend.list_sessions(1)] == ["fresh"]
-    assert await backend.purge_older_than(T0 - timedelta(days=90)) == 0
+    assert await backend.purge_older_than(cutoff) == []
 
 
 async def test_iter_user_sessions_yields_every_session_whole(backend: Backend) -> None:

@@ -44,3 +44,5 @@ class StoreStats:
     last_flush_at: datetime | None = None
     backpressure_rejections: int = 0
     poisoned_sessions: int = 0
+    sessions_purged: int = 0
+    last_cleanup_at: datetime | None = None

@@ -30,16 +30,21 @@ import asyncio
 import contextlib
 import logging
 import warnings
+from collections.abc import AsyncIterator
 from dataclasses import replace
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
+import orjson
+
 from .backends.base import Backend, SessionDelta
 from .config import Config
 from .dirty import DirtyIndex
-from .errors import BackPressureError, ClosedError, NotFound, StorageError
+from .errors import BackPressureError, ClosedError, NotFound, StorageError, WriteBehindError
 from .model import (
+    EXPORT_FORMAT_VERSION,
     Metadata,
     SessionRecord,
     SessionSummary,
@@ -47,6 +52,8 @@ from .model import (
     UserId,
     check_id,
     check_user_id,
+    encode_record,
+    utcnow,
 )
 from .policy import PersistencePolicy, authenticated_only
 from .recovery import read_recovery, recovery_path_for, write_recovery
@@ -66,10 +73,14 @@ from .worker import FlushWorker
 __all__ = ["WriteBehindStore"]
 
 LOG = logging.getLogger("writebehind")
+# Who read, exported or erased which session: ids only, never content. A logger of its own
+# so that operators can route it (an audit trail) or silence it.
+ACCESS = logging.getLogger("writebehind.access")
 
 _NEW: Final = "new"
 _RUNNING: Final = "running"
 _CLOSED: Final = "closed"
+_PURGE_CHUNK: Final = 500
 
 
 class WriteBehindStore:
@@ -115,6 +126,8 @@ class WriteBehindStore:
         self._cold_hits = 0
         self._rejections = 0
         self._housekeeping: asyncio.Task[None] | None = None
+        self._purged = 0
+        self._last_cleanup_at: datetime | None = None
 
     @classmethod
     def from_config(
@@ -397,6 +410,8 @@ class WriteBehindStore:
             await self._ready(session_id, user_id)
         session = self._hot._owned(session_id, user_id, binding_token)
         self._touched(session_id)
+        if ACCESS.isEnabledFor(logging.INFO):
+            ACCESS.info("read session=%s user=%s", session_id, user_id)
         return session.snapshot()
 
     async def get_messages(
@@ -418,6 +433,8 @@ class WriteBehindStore:
             binding_token=binding_token,
         )
         self._touched(session_id)
+        if ACCESS.isEnabledFor(logging.INFO):
+            ACCESS.info("read messages session=%s user=%s after_seq=%s", session_id, user_id, after_seq)
         return messages
 
     async def append_message(
@@ -541,7 +558,7 @@ class WriteBehindStore:
 
         if not await self._worker.call(erase):
             raise NotFound(sid)
-        LOG.info("deleted session %s of user %s", sid, uid)
+        ACCESS.info("erased session=%s user=%s", sid, uid)
 
     async def delete_user(self, user_id: UserId) -> int:
         """Erase every session of the user from memory and disk; returns how many there were."""
@@ -557,7 +574,7 @@ class WriteBehindStore:
             return len(on_disk | in_memory)
 
         count = await self._worker.call(erase)
-        LOG.info("deleted user %s: %d sessions", uid, count)
+        ACCESS.info("erased user=%s sessions=%d", uid, count)
         return count
 
     def _forget(self, session_id: str) -> None:
@@ -588,14 +605,116 @@ class WriteBehindStore:
             last_flush_at=worker.last_flush_at,
             backpressure_rejections=self._rejections,
             poisoned_sessions=worker.poisoned_sessions,
+            sessions_purged=self._purged,
+            last_cleanup_at=self._last_cleanup_at,
         )
+
+    # -- the user's rights and the operator's tools -------------------------------------------
+
+    async def export_user(self, user_id: UserId) -> AsyncIterator[SessionRecord]:
+        """Every session of the user, whole, from memory and disk: memory's newer state wins
+        and nothing comes twice. Streams: only a few sessions are held at a time. Secrets
+        are never in what `encode_record` makes of these."""
+        self._require_running()
+        uid = _require_user(user_id)
+        in_memory = [s.id for s in self._hot._sessions_of(uid)]
+        count = 0
+        for sid in in_memory:
+            session = self._in_memory.get(sid)
+            if session is not None and session.user_id == uid:
+                count += 1
+                yield session.snapshot()
+        seen = set(in_memory)
+        async for record in self._backend.iter_user_sessions(uid):
+            if record.id in seen:
+                continue
+            hot = self._in_memory.get(record.id)  # loaded meanwhile: memory is newer
+            count += 1
+            yield hot.snapshot() if hot is not None and hot.user_id == uid else record
+        ACCESS.info("exported user=%s sessions=%d", uid, count)
+
+    async def export_user_json(self, user_id: UserId) -> AsyncIterator[bytes]:
+        """The user's data as one JSON document, in pieces (see README, "Your users' data")."""
+        head = {"format": "writebehind-export", "version": EXPORT_FORMAT_VERSION}
+        yield orjson.dumps(head)[:-1] + b',"exported_at":' + orjson.dumps(utcnow().isoformat())
+        yield b',"user_id":' + orjson.dumps(user_id) + b',"sessions":['
+        first = True
+        async for record in self.export_user(user_id):
+            yield (b"" if first else b",") + orjson.dumps(encode_record(record))
+            first = False
+        yield b"]}"
+
+    async def purge_expired(self, now: datetime | None = None) -> int:
+        """Delete sessions idle for longer than `retention_days`, from disk and memory, in
+        small transactions; returns how many. Runs every `cleanup_interval_hours` on its
+        own; an active session is never removed, even one whose disk row is stale."""
+        self._require_running()
+        cutoff = (now or utcnow()) - timedelta(days=self.config.retention_days)
+        total = 0
+        while True:
+            ids = await self._worker.call(lambda: self._purge_chunk(cutoff))
+            total += len(ids)
+            if len(ids) < _PURGE_CHUNK:
+                break
+        total += self._purge_memory(cutoff)
+        self._purged += total
+        self._last_cleanup_at = utcnow()
+        LOG.info("retention: purged %d sessions idle since before %s", total, cutoff.isoformat())
+        return total
+
+    async def _purge_chunk(self, cutoff: datetime) -> list[str]:
+        ids = await self._backend.purge_older_than(cutoff, limit=_PURGE_CHUNK)
+        for sid in ids:
+            session = self._in_memory.get(sid)
+            if session is None:
+                continue
+            if session.last_access_at >= cutoff or self._dirty.holds(sid):
+                # Active in memory, only its disk row was old: write it back whole.
+                self._dirty.mark_full(sid)
+            else:
+                self._forget(sid)
+        if ids:
+            self._epoch += 1
+        return ids
+
+    def _purge_memory(self, cutoff: datetime) -> int:
+        """Signed-in sessions idle past the cutoff that are only in memory (clean, so they
+        were on disk and just went): none should be left, but drop any that are."""
+        stale = [
+            sid
+            for sid, s in self._in_memory.items()
+            if s.user_id is not None and s.last_access_at < cutoff and not self._dirty.holds(sid)
+        ]
+        for sid in stale:
+            self._forget(sid)
+        return len(stale)
+
+    async def backup(self, dest: str | Path) -> None:
+        """Flush, then write a consistent online copy of the database to `dest` (0600),
+        checked with `integrity_check`. Only for backends that can (SQLite)."""
+        self._require_running()
+        backup = getattr(self._backend, "backup", None)
+        if backup is None:
+            raise StorageError(f"{type(self._backend).__name__} has no backup; use the database's tools")
+        await self.flush()
+        await self._worker.call(lambda: backup(dest))
+        LOG.info("backup written to %s", dest)
 
     # -- background housekeeping ---------------------------------------------------------------
 
     async def _housekeep(self) -> None:
         period = max(0.5, min(60.0, self.config.anon_ttl_seconds / 2))
+        loop = asyncio.get_running_loop()
+        cleanup_every = self.config.cleanup_interval_hours * 3600
+        next_cleanup = loop.time()  # once at start, then on the interval
         while True:
-            await asyncio.sleep(period)
+            if loop.time() >= next_cleanup:
+                next_cleanup = loop.time() + cleanup_every
+                try:
+                    await self.purge_expired()
+                except WriteBehindError as exc:
+                    LOG.warning("retention cleanup failed, retrying next time: %s", exc)
+            await asyncio.sleep(min(period, max(0.0, next_cleanup - loop.time())))
             expired = 1000
             while expired == 1000:
                 # In slices, yielding between them, so requests never wait behind a sweep.

@@ -59,13 +59,18 @@ class Backend(Protocol):
         """The user's sessions, most recently updated first."""
 
     async def delete_session(self, session_id: str, user_id: UserId | None) -> bool:
-        """Delete the session (only if owned by `user_id`, unless that is None); True if it was there."""
+        """Delete the session (only if owned by `user_id`, unless that is None); True if it
+        was there. Erasure: when this returns, no copy of the data is left in the store's
+        files that the backend can remove (SQLite: secure_delete, and a truncating WAL
+        checkpoint)."""
 
     async def delete_user(self, user_id: UserId) -> list[str]:
         """Delete every session of the user in one transaction; returns their ids."""
 
-    async def purge_older_than(self, cutoff: datetime, *, chunk: int = 500) -> int:
-        """Delete sessions whose last activity is before `cutoff`, in small transactions."""
+    async def purge_older_than(self, cutoff: datetime, *, limit: int = 500) -> list[str]:
+        """Delete up to `limit` sessions whose last activity is before `cutoff`, oldest first,
+        in one transaction; returns their ids. Callers loop until fewer than `limit` come back,
+        so no single transaction is long."""
 
     def iter_user_sessions(self, user_id: UserId) -> AsyncIterator[SessionRecord]:
         """Every session of the user, whole, a few at a time (for export)."""

@@ -30,6 +30,7 @@ __all__ = ["SCHEMA_VERSION", "SQLiteBackend"]
 
 LOG = logging.getLogger("writebehind")
 SCHEMA_VERSION: Final = len(MIGRATIONS)
+_EXPORT_PAGE: Final = 50
 
 _UPSERT_SESSION: Final = """
 INSERT INTO sessions (id, user_id, created_at, updated_at, last_access_at, status, title,
@@ -185,29 +186,65 @@ class SQLiteBackend:
                 cursor = await conn.execute(
                     "DELETE FROM sessions WHERE id = ? AND user_id = ?", (session_id, user_id)
                 )
-            return cursor.rowcount > 0
+            deleted = cursor.rowcount > 0
+        if deleted:
+            await self._scrub()
+        return deleted
 
     async def delete_user(self, user_id: UserId) -> list[str]:
         async with self._transaction("delete_user") as conn:
             rows = await conn.execute_fetchall(
                 "DELETE FROM sessions WHERE user_id = ? RETURNING id", (user_id,)
             )
-            return [row[0] for row in rows]
+        ids = [row[0] for row in rows]
+        if ids:
+            await self._scrub()
+        return ids
 
-    async def purge_older_than(self, cutoff: datetime, *, chunk: int = 500) -> int:
-        total = 0
-        limit = to_micros(cutoff)
-        while True:
-            async with self._transaction("purge") as conn:
-                cursor = await conn.execute(
-                    "DELETE FROM sessions WHERE id IN (SELECT id FROM sessions "
-                    "WHERE last_access_at < ? LIMIT ?)",
-                    (limit, chunk),
-                )
-                deleted = cursor.rowcount
-            total += deleted
-            if deleted < chunk:
-                return total
+    async def purge_older_than(self, cutoff: datetime, *, limit: int = 500) -> list[str]:
+        async with self._transaction("purge") as conn:
+            rows = await conn.execute_fetchall(
+                "DELETE FROM sessions WHERE id IN (SELECT id FROM sessions "
+                "WHERE last_access_at < ? ORDER BY last_access_at LIMIT ?) RETURNING id",
+                (to_micros(cutoff), limit),
+            )
+        return [row[0] for row in rows]
+
+    async def _scrub(self) -> None:
+        """After an erasure: copy the WAL into the database and truncate it, so that the old
+        page images holding erased content leave the -wal file (secure_delete already
+        zeroes them in the database). Best effort: a reader holding an old snapshot keeps
+        the WAL alive until the next checkpoint, and that is logged."""
+        try:
+            async with self.writer.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cursor:
+                row = await cursor.fetchone()
+        except sqlite3.Error as exc:
+            LOG.warning("checkpoint after an erasure failed: %s", exc)
+            return
+        if row is not None and row[0]:
+            LOG.warning("checkpoint after an erasure was blocked by a reader; the WAL is kept")
+
+    async def backup(self, dest: str | os.PathLike[str]) -> None:
+        """A consistent online copy of the database (SQLite's backup API) at `dest`, created
+        mode 0600, checked with `integrity_check`. The app may keep writing meanwhile."""
+        dest_path = Path(dest)
+        try:
+            os.close(os.open(dest_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            raise StorageError(f"{dest_path} exists; refusing to overwrite it") from None
+        except OSError as exc:
+            raise StorageError(f"cannot create {dest_path}: {exc.strerror}") from exc
+        target = await aiosqlite.connect(dest_path)
+        try:
+            await self._reading().backup(target)
+            async with target.execute("PRAGMA integrity_check") as cursor:
+                row = await cursor.fetchone()
+            if row is None or row[0] != "ok":
+                raise StorageError(f"the backup at {dest_path} failed its integrity check: {row}")
+        except sqlite3.Error as exc:
+            raise StorageError(f"backup to {dest_path} failed: {exc}") from exc
+        finally:
+            await target.close()
 
     def _transaction(self, what: str) -> _Transaction:
         return _Transaction(self.writer, what, self.path)
@@ -242,23 +279,25 @@ class SQLiteBackend:
         return [_summary(row) for row in rows]
 
     async def iter_user_sessions(self, user_id: UserId) -> AsyncIterator[SessionRecord]:
+        # A page of sessions at a time, each page one read transaction with two queries:
+        # memory holds one page, and a 10,000-session export is 200 round trips, not 40,000.
         conn = self._reading()
         after = ""
         while True:
             try:
-                rows = await conn.execute_fetchall(
-                    "SELECT id FROM sessions WHERE user_id = ? AND id > ? ORDER BY id LIMIT 50",
-                    (user_id, after),
-                )
+                async with self._read_lock:
+                    await conn.execute("BEGIN")
+                    try:
+                        page = await _load_page(conn, user_id, after, _EXPORT_PAGE)
+                    finally:
+                        await conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise StorageError(f"{self.path}: export failed: {exc}") from exc
-            if not rows:
+            for record in page:
+                yield record
+            if len(page) < _EXPORT_PAGE:
                 return
-            for (sid,) in rows:
-                record = await self.load_session(sid)
-                if record is not None:
-                    yield record
-            after = list(rows)[-1][0]
+            after = page[-1].id
 
     async def schema_version(self) -> int:
         return int(await _scalar(self._reading(), "PRAGMA user_version"))
@@ -391,6 +430,32 @@ async def _load(conn: aiosqlite.Connection, session_id: str) -> SessionRecord | 
     ) as cursor:
         cursor.row_factory = _message_from_row  # type: ignore[assignment]
         messages: list[StoredMessage] = list(await cursor.fetchall())  # type: ignore[arg-type]
+    return _record(row, messages)
+
+
+async def _load_page(
+    conn: aiosqlite.Connection, user_id: UserId, after: str, size: int
+) -> list[SessionRecord]:
+    rows = list(
+        await conn.execute_fetchall(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE user_id = ? AND id > ? ORDER BY id LIMIT ?",
+            (user_id, after, size),
+        )
+    )
+    if not rows:
+        return []
+    by_session: dict[str, list[StoredMessage]] = {row[0]: [] for row in rows}
+    async with conn.execute(
+        "SELECT session_id, seq, id, role, content, created_at, updated_at, metadata FROM messages "
+        f"WHERE session_id IN ({','.join('?' * len(rows))}) ORDER BY session_id, seq",
+        [row[0] for row in rows],
+    ) as cursor:
+        async for message_row in cursor:
+            by_session[message_row[0]].append(_message_from_row(None, message_row[1:]))  # type: ignore[arg-type]
+    return [_record(row, by_session[row[0]]) for row in rows]
+
+
+def _record(row: Any, messages: list[StoredMessage]) -> SessionRecord:
     sid, user_id, created, updated, accessed, status, title, client_ip, user_agent = row
     return SessionRecord(
         id=sid,
