@@ -37,14 +37,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
-import orjson
-
 from .backends.base import Backend, SessionDelta
 from .config import Config
 from .dirty import DirtyIndex
 from .errors import BackPressureError, ClosedError, NotFound, StorageError, WriteBehindError
+from .export import export_json
 from .model import (
-    EXPORT_FORMAT_VERSION,
     Metadata,
     SessionRecord,
     SessionSummary,
@@ -52,7 +50,6 @@ from .model import (
     UserId,
     check_id,
     check_user_id,
-    encode_record,
     utcnow,
 )
 from .policy import PersistencePolicy, authenticated_only
@@ -633,16 +630,9 @@ class WriteBehindStore:
             yield hot.snapshot() if hot is not None and hot.user_id == uid else record
         ACCESS.info("exported user=%s sessions=%d", uid, count)
 
-    async def export_user_json(self, user_id: UserId) -> AsyncIterator[bytes]:
-        """The user's data as one JSON document, in pieces (see README, "Your users' data")."""
-        head = {"format": "writebehind-export", "version": EXPORT_FORMAT_VERSION}
-        yield orjson.dumps(head)[:-1] + b',"exported_at":' + orjson.dumps(utcnow().isoformat())
-        yield b',"user_id":' + orjson.dumps(user_id) + b',"sessions":['
-        first = True
-        async for record in self.export_user(user_id):
-            yield (b"" if first else b",") + orjson.dumps(encode_record(record))
-            first = False
-        yield b"]}"
+    def export_user_json(self, user_id: UserId) -> AsyncIterator[bytes]:
+        """The user's data as one JSON document, in pieces (the format: `writebehind.export`)."""
+        return export_json(user_id, self.export_user(user_id))
 
     async def purge_expired(self, now: datetime | None = None) -> int:
         """Delete sessions idle for longer than `retention_days`, from disk and memory, in

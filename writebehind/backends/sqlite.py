@@ -299,6 +299,39 @@ class SQLiteBackend:
                 return
             after = page[-1].id
 
+    async def count_older_than(self, cutoff: datetime) -> int:
+        """How many sessions `purge_older_than(cutoff)` would delete (a dry run)."""
+        return int(
+            await _scalar(
+                self._reading(),
+                "SELECT count(*) FROM sessions WHERE last_access_at < ?",
+                (to_micros(cutoff),),
+            )
+        )
+
+    async def file_stats(self) -> dict[str, Any]:
+        """What an operator asks first: counts, sizes, the schema version, activity range."""
+        conn = self._reading()
+        async with conn.execute(
+            "SELECT count(*), count(DISTINCT user_id), min(last_access_at), max(last_access_at) FROM sessions"
+        ) as cursor:
+            row = await cursor.fetchone()
+        assert row is not None  # an aggregate always has its row
+        sessions, users, oldest, newest = row
+        messages = await _scalar(conn, "SELECT count(*) FROM messages")
+        wal = self.path.with_name(self.path.name + "-wal")
+        return {
+            "path": str(self.path),
+            "schema_version": await self.schema_version(),
+            "sessions": sessions,
+            "users": users,
+            "messages": messages,
+            "oldest_activity": None if oldest is None else from_micros(oldest).isoformat(),
+            "newest_activity": None if newest is None else from_micros(newest).isoformat(),
+            "file_bytes": self.path.stat().st_size,
+            "wal_bytes": wal.stat().st_size if wal.exists() else 0,
+        }
+
     async def schema_version(self) -> int:
         return int(await _scalar(self._reading(), "PRAGMA user_version"))
 

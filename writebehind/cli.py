@@ -1,0 +1,246 @@
+"""`writebehind`: the operator's command line.
+
+Works on the SQLite file directly, also while an app holds it open (WAL lets the
+two read and write side by side). Mistakes get one line on stderr and exit 1,
+never a traceback.
+
+A note on erasure: the CLI removes a user's data from the file. An app that is
+running holds recent sessions in memory and would write them back at its next
+flush, so while the app runs, erase through the app (`store.delete_user`, the
+server's `DELETE /api/me`); use `writebehind erase` on a stopped app, or for data
+the app no longer holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import orjson
+
+from .backends.sqlite import SCHEMA_VERSION, SQLiteBackend
+from .config import Config
+from .errors import ConfigError, WriteBehindError
+from .export import export_json
+from .model import SessionRecord, UserId, check_user_id, utcnow
+
+__all__ = ["main"]
+
+T = TypeVar("T")
+_DURATION = re.compile(r"(\d+)\s*([dhm])")
+
+
+def _run(work: Callable[[SQLiteBackend], Awaitable[T]], db: Path) -> T:
+    async def go() -> T:
+        backend = SQLiteBackend(db)
+        await backend.open()
+        try:
+            return await work(backend)
+        finally:
+            await backend.close()
+
+    try:
+        return asyncio.run(go())
+    except WriteBehindError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _user(value: str, as_text: bool) -> UserId:
+    """`42` is the int user 42 (what most apps use); `--text-id` makes it the str "42"."""
+    parsed: object = value if as_text or not re.fullmatch(r"-?\d+", value) else int(value)
+    try:
+        uid = check_user_id(parsed, "--user")
+    except WriteBehindError as exc:
+        raise click.BadParameter(str(exc)) from None
+    assert uid is not None
+    return uid
+
+
+def _duration(value: str) -> timedelta:
+    match = _DURATION.fullmatch(value.strip())
+    if match is None:
+        raise click.BadParameter(f"{value!r}: give a number and d, h or m, like 90d")
+    amount, unit = int(match[1]), match[2]
+    return {"d": timedelta(days=amount), "h": timedelta(hours=amount), "m": timedelta(minutes=amount)}[unit]
+
+
+def _default_db() -> Path:
+    try:
+        return Config.from_env().db_path
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+user_option = click.option("--user", "user", required=True, help="The user id (digits mean an int id).")
+text_option = click.option("--text-id", is_flag=True, help="Treat --user as a text id even if it is digits.")
+
+
+@click.group()
+@click.option(
+    "--db",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The database file (default: $CHAT_SESSION_DB_PATH or ./chat_sessions.db).",
+)
+@click.pass_context
+def cli(ctx: click.Context, db: Path | None) -> None:
+    """Inspect and maintain a writebehind session database."""
+    path = db or _default_db()
+    if ctx.invoked_subcommand not in ("migrate", "backup") and not path.exists():
+        raise click.ClickException(f"{path} does not exist (use --db, or run the app once)")
+    ctx.obj = path
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def stats(db: Path, as_json: bool) -> None:
+    """Counts, sizes, schema version and activity range."""
+    info = _run(lambda b: b.file_stats(), db)
+    if as_json:
+        click.echo(orjson.dumps(info, option=orjson.OPT_INDENT_2).decode())
+        return
+    for key, value in info.items():
+        click.echo(f"{key:16} {value}")
+
+
+@cli.command()
+@user_option
+@text_option
+@click.pass_obj
+def sessions(db: Path, user: str, text_id: bool) -> None:
+    """List a user's sessions, newest first."""
+    uid = _user(user, text_id)
+    listed = _run(lambda b: b.list_sessions(uid), db)
+    for s in listed:
+        title = "" if s.title is None else s.title
+        click.echo(f"{s.id}\t{s.status}\t{s.message_count} messages\t{s.updated_at.isoformat()}\t{title}")
+    click.echo(f"{len(listed)} session(s) for user {uid!r}", err=True)
+
+
+@cli.command()
+@user_option
+@text_option
+@click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path), help="Write here (0600) instead of stdout."
+)
+@click.pass_obj
+def export(db: Path, user: str, text_id: bool, out: Path | None) -> None:
+    """Everything stored for a user, as one JSON document (GDPR Art. 15 and 20)."""
+    uid = _user(user, text_id)
+
+    async def work(backend: SQLiteBackend) -> int:
+        count = 0
+
+        async def counted() -> AsyncIterator[SessionRecord]:
+            nonlocal count
+            async for record in backend.iter_user_sessions(uid):
+                count += 1
+                if count % 500 == 0:
+                    click.echo(f"exported {count} sessions...", err=True)
+                yield record
+
+        if out is None:
+            async for chunk in export_json(uid, counted()):
+                sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.write(b"\n")
+            return count
+        fd = os.open(out, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            async for chunk in export_json(uid, counted()):
+                f.write(chunk)
+        return count
+
+    count = _run(work, db)
+    click.echo(f"exported {count} session(s) of user {uid!r}" + (f" to {out}" if out else ""), err=True)
+
+
+@cli.command()
+@user_option
+@text_option
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def erase(db: Path, user: str, text_id: bool, yes: bool) -> None:
+    """Delete every session of a user, leaving no byte behind (GDPR Art. 17)."""
+    uid = _user(user, text_id)
+    if not yes:
+        click.confirm(f"Erase every session of user {uid!r} from {db}? This cannot be undone", abort=True)
+    ids = _run(lambda b: b.delete_user(uid), db)
+    click.echo(f"erased {len(ids)} session(s) of user {uid!r}")
+
+
+@cli.command()
+@click.option("--older-than", "older_than", required=True, help="Idle for longer than this: 90d, 12h, 30m.")
+@click.option("--dry-run", is_flag=True, help="Only count.")
+@click.pass_obj
+def purge(db: Path, older_than: str, dry_run: bool) -> None:
+    """Delete sessions idle for longer than --older-than (retention)."""
+    cutoff = utcnow() - _duration(older_than)
+    if dry_run:
+        count = _run(lambda b: b.count_older_than(cutoff), db)
+        click.echo(f"would purge {count} session(s) idle since before {cutoff.isoformat()}")
+        return
+
+    async def work(backend: SQLiteBackend) -> int:
+        total = 0
+        while True:
+            ids = await backend.purge_older_than(cutoff, limit=500)
+            total += len(ids)
+            if ids:
+                click.echo(f"purged {total} sessions...", err=True)
+            if len(ids) < 500:
+                return total
+
+    total = _run(work, db)
+    click.echo(f"purged {total} session(s) idle since before {cutoff.isoformat()}")
+
+
+@cli.command()
+@click.argument("dest", type=click.Path(dir_okay=False, path_type=Path))
+@click.pass_obj
+def backup(db: Path, dest: Path) -> None:
+    """A consistent online copy of the database at DEST (0600), integrity-checked."""
+    if not db.exists():
+        raise click.ClickException(f"{db} does not exist")
+    _run(lambda b: b.backup(dest), db)
+    click.echo(f"backed up {db} to {dest} (integrity ok)")
+
+
+@cli.command()
+@click.pass_obj
+def check(db: Path) -> None:
+    """Integrity check and schema version; exits 1 if anything is wrong."""
+
+    async def work(backend: SQLiteBackend) -> tuple[list[str], int]:
+        return await backend.integrity_check(), await backend.schema_version()
+
+    problems, version = _run(work, db)
+    click.echo(f"schema version {version} (this writebehind: {SCHEMA_VERSION})")
+    if problems != ["ok"]:
+        for line in problems:
+            click.echo(f"integrity: {line}", err=True)
+        raise SystemExit(1)
+    click.echo("integrity ok")
+
+
+@cli.command()
+@click.pass_obj
+def migrate(db: Path) -> None:
+    """Create the database, or bring its schema to this version."""
+    version: Any = _run(lambda b: b.schema_version(), db)
+    click.echo(f"{db}: schema version {version}")
+
+
+def main() -> None:
+    cli(prog_name="writebehind")
+
+
+if __name__ == "__main__":
+    main()
