@@ -17,7 +17,8 @@ class StoreStats:
     - `loads`: backend loads actually made (single flight makes this <= cold lookups).
     - `dirty_sessions` / `dirty_messages`: changes not yet on disk; `parked`: dirty
       sessions the LRU wanted to evict, held until they are flushed.
-    - flush latencies are per transaction, in milliseconds.
+    - flush latencies are per transaction, in milliseconds; `flush_latency_buckets` holds
+      cumulative (upper bound, count) pairs over the store's life, the last bound +inf.
     """
 
     hot_sessions: int = 0
@@ -38,6 +39,8 @@ class StoreStats:
     flush_latency_last_ms: float | None = None
     flush_latency_p50_ms: float | None = None
     flush_latency_p99_ms: float | None = None
+    flush_latency_buckets: tuple[tuple[float, int], ...] = ()
+    flush_latency_sum_ms: float = 0.0
     consecutive_failures: int = 0
     total_failures: int = 0
     last_error: str | None = None

@@ -18,12 +18,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import accumulate
 from typing import Any, Final, TypeVar
 
 from asyncio_throttle.throttler import Throttler
@@ -38,6 +41,7 @@ __all__ = ["FlushWorker", "WorkerStats"]
 LOG = logging.getLogger("writebehind")
 
 T = TypeVar("T")
+LATENCY_BUCKETS_MS: Final = (1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0)
 _FLUSH: Final = object()
 _STOP: Final = object()
 _RETRY_BASE_S: Final = 0.05
@@ -60,6 +64,8 @@ class WorkerStats:
     flush_latency_last_ms: float | None
     flush_latency_p50_ms: float | None
     flush_latency_p99_ms: float | None
+    flush_latency_buckets: tuple[tuple[float, int], ...]
+    flush_latency_sum_ms: float
     consecutive_failures: int
     total_failures: int
     last_error: str | None
@@ -98,6 +104,9 @@ class FlushWorker:
         self._sessions = 0
         self._messages = 0
         self._latencies: deque[float] = deque(maxlen=1024)
+        # A histogram for metrics: counts per bucket (the last one is +Inf), and the sum.
+        self._latency_counts = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+        self._latency_sum = 0.0
         self._failures = 0
         self._total_failures = 0
         self._last_error: str | None = None
@@ -320,6 +329,8 @@ class FlushWorker:
         self._sessions += len(batch)
         self._messages += sum(len(t.delta.messages) for t in batch)
         self._latencies.append(latency_ms)
+        self._latency_sum += latency_ms
+        self._latency_counts[bisect_left(LATENCY_BUCKETS_MS, latency_ms)] += 1
         self._last_flush_at = utcnow()
         self.room.set()
         self.room.clear()
@@ -352,6 +363,10 @@ class FlushWorker:
             flush_latency_last_ms=self._latencies[-1] if self._latencies else None,
             flush_latency_p50_ms=_quantile(latencies, 0.50),
             flush_latency_p99_ms=_quantile(latencies, 0.99),
+            flush_latency_buckets=tuple(
+                zip((*LATENCY_BUCKETS_MS, math.inf), accumulate(self._latency_counts), strict=True)
+            ),
+            flush_latency_sum_ms=self._latency_sum,
             consecutive_failures=self._failures,
             total_failures=self._total_failures,
             last_error=self._last_error,

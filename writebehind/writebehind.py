@@ -596,6 +596,8 @@ class WriteBehindStore:
             flush_latency_last_ms=worker.flush_latency_last_ms,
             flush_latency_p50_ms=worker.flush_latency_p50_ms,
             flush_latency_p99_ms=worker.flush_latency_p99_ms,
+            flush_latency_buckets=worker.flush_latency_buckets,
+            flush_latency_sum_ms=worker.flush_latency_sum_ms,
             consecutive_failures=worker.consecutive_failures,
             total_failures=worker.total_failures,
             last_error=worker.last_error,

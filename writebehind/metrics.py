@@ -1,0 +1,75 @@
+"""Prometheus metrics for a store (`pip install writebehind[metrics]`).
+
+    from prometheus_client import REGISTRY
+    REGISTRY.register(StoreCollector(store))
+
+The collector reads `store.stats()` at scrape time: nothing is counted twice, nothing is
+kept in a second place. Only numbers: no ids, no content, no secrets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from .store import SessionStore
+from .writebehind import WriteBehindStore
+
+__all__ = ["StoreCollector"]
+
+_COUNTERS = (
+    ("hot_hits", "Lookups answered from memory."),
+    ("cold_hits", "Misses that a backend load found on disk."),
+    ("misses", "Lookups found nowhere (including another user's session)."),
+    ("loads", "Backend loads made (single flight)."),
+    ("evictions", "Sessions the LRU dropped."),
+    ("expired", "Anonymous sessions dropped after their idle TTL."),
+    ("batches_flushed", "Flush transactions committed."),
+    ("sessions_flushed", "Session rows written by flushes."),
+    ("messages_flushed", "Message rows written by flushes."),
+    ("total_failures", "Flush attempts that failed."),
+    ("backpressure_rejections", "Writes refused with BackPressureError."),
+    ("sessions_purged", "Sessions deleted by retention."),
+)
+_GAUGES = (
+    ("hot_sessions", "Sessions in memory."),
+    ("parked", "Dirty sessions the LRU wanted to evict, held until flushed."),
+    ("dirty_sessions", "Sessions with changes not yet on disk."),
+    ("dirty_messages", "Messages with changes not yet on disk."),
+    ("queue_depth", "Requests waiting for the flush worker."),
+    ("durable_waiters", "Callers waiting for a durable flush."),
+    ("consecutive_failures", "Flush failures since the last success."),
+    ("poisoned_sessions", "Sessions whose data the backend refused; kept in memory."),
+)
+
+
+class StoreCollector(Collector):
+    def __init__(self, store: SessionStore | WriteBehindStore, namespace: str = "writebehind") -> None:
+        self._store = store
+        self._ns = namespace
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
+        stats = self._store.stats()
+        for name, doc in _COUNTERS:
+            yield CounterMetricFamily(f"{self._ns}_{name}", doc, value=getattr(stats, name))
+        for name, doc in _GAUGES:
+            yield GaugeMetricFamily(f"{self._ns}_{name}", doc, value=getattr(stats, name))
+        last = stats.last_flush_at
+        yield GaugeMetricFamily(
+            f"{self._ns}_last_successful_flush_timestamp_seconds",
+            "When a flush last committed (Unix time; 0 if never).",
+            value=0.0 if last is None else last.timestamp(),
+        )
+        if stats.flush_latency_buckets:
+            buckets = [
+                ("+Inf" if bound == float("inf") else repr(bound / 1000), count)
+                for bound, count in stats.flush_latency_buckets
+            ]
+            yield HistogramMetricFamily(
+                f"{self._ns}_flush_duration_seconds",
+                "Time a flush transaction took.",
+                buckets=buckets,
+                sum_value=stats.flush_latency_sum_ms / 1000,
+            )
