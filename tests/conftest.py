@@ -65,7 +65,7 @@ class GatedBackend(SQLiteBackend):
         self.writing.set()
         # Bounded, so that a failing test ends instead of hanging its teardown.
         await asyncio.wait_for(self.gate.wait(), 30)
-        await super().write_batch(deltas)
+        return await super().write_batch(deltas)
 
     async def load_session(self, session_id: str) -> Any:
         self.loads += 1

@@ -6,7 +6,8 @@ they are running against.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,23 +17,38 @@ import pytest
 from writebehind import Backend, RecordError, SessionDelta, SessionRecord, SQLiteBackend, StoredMessage
 from writebehind.model import UserId
 
-
-async def sqlite_backend(tmp_path: Path) -> Backend:
-    return SQLiteBackend(tmp_path / "conformance.db")
+from .pg import postgres_schema
 
 
-BACKENDS: dict[str, Callable[[Path], Awaitable[Backend]]] = {"sqlite": sqlite_backend}
+@asynccontextmanager
+async def sqlite_backend(tmp_path: Path) -> AsyncIterator[Backend]:
+    backend = SQLiteBackend(tmp_path / "conformance.db")
+    await backend.open()
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
+@asynccontextmanager
+async def postgres_backend(tmp_path: Path) -> AsyncIterator[Backend]:
+    async with postgres_schema() as backend:
+        yield backend
+
+
+BACKENDS: dict[str, Callable[[Path], AbstractAsyncContextManager[Backend]]] = {
+    "sqlite": sqlite_backend,
+    "postgres": postgres_backend,
+}
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    backend = await BACKENDS[request.param](tmp_path)
-    await backend.open()
-    await backend.open()  # idempotent
-    yield backend
-    await backend.close()
+    async with BACKENDS[request.param](tmp_path) as backend:
+        await backend.open()  # idempotent
+        yield backend
 
 
 def message(seq: int, content: str | None = None, *, at: datetime = T0, **meta: object) -> StoredMessage:
@@ -72,7 +88,7 @@ async def test_round_trip_is_exact(backend: Backend) -> None:
     r = replace(
         record("s1", 42, 3),
         messages=(
-            message(1, "NUL \x00 and emoji 🎉", k=[1, 2.5, None, True], nested={"a": "b"}),
+            message(1, "emoji 🎉 and RTL \u202e", k=[1, 2.5, None, True], nested={"a": "b\x00"}),
             message(2, ""),
             message(3),
         ),
@@ -92,12 +108,13 @@ async def test_int_and_str_user_ids_are_different_users(backend: Backend) -> Non
 
 async def test_deltas_upsert_only_what_they_carry(backend: Backend) -> None:
     r = record("s", 1, 3)
-    await backend.write_batch([full(r)])
+    first = await backend.write_batch([full(r)])
+    assert first.versions == {"s": 1} and not first.conflicts
     edited = replace(message(2), content="edited", metadata={"v": 2})
-    header = replace(r, title="renamed", status="archived", messages=())
+    header = replace(r, title="renamed", status="archived", messages=(), version=1)
     await backend.write_batch([SessionDelta(header, (edited, message(4)), 4)])
     loaded = await backend.load_session("s")
-    assert loaded is not None
+    assert loaded is not None and loaded.version == 2
     assert loaded.title == "renamed" and loaded.status == "archived"
     assert [m.content for m in loaded.messages] == ["content 1", "edited", "content 3", "content 4"]
     assert loaded.messages[1].metadata == {"v": 2}
@@ -165,3 +182,34 @@ async def test_iter_user_sessions_yields_every_session_whole(backend: Backend) -
     await backend.write_batch([full(record("x", 6, 1))])
     exported = [r async for r in backend.iter_user_sessions(5)]
     assert sorted(exported, key=lambda r: r.id) == records
+
+
+async def test_a_stale_version_is_a_conflict_and_writes_nothing_of_that_session(backend: Backend) -> None:
+    await backend.write_batch([full(record("s", 1, 2)), full(record("t", 1, 1))])
+    # another writer moved "s" to version 2
+    await backend.write_batch([SessionDelta(replace(record("s", 1), title="theirs", version=1), (), 2)])
+    mine = SessionDelta(replace(record("s", 1), title="mine", version=1), (message(3, "mine"),), 3)
+    other = SessionDelta(replace(record("t", 1), title="fine", version=1), (message(2, "fine"),), 2)
+    result = await backend.write_batch([mine, other])
+    assert result.conflicts == {"s"} and result.versions == {"t": 2} and not result.deleted
+    s = await backend.load_session("s")
+    assert s is not None and s.title == "theirs" and [m.seq for m in s.messages] == [1, 2]
+    t = await backend.load_session("t")
+    assert t is not None and t.title == "fine" and [m.content for m in t.messages] == ["content 1", "fine"]
+
+
+async def test_inserting_a_session_that_exists_is_a_conflict(backend: Backend) -> None:
+    await backend.write_batch([full(record("s", 1, 1))])
+    result = await backend.write_batch([full(record("s", 2, 3))])  # version 0: "must not exist"
+    assert result.conflicts == {"s"} and result.versions == {}
+    loaded = await backend.load_session("s")
+    assert loaded is not None and loaded.user_id == 1 and len(loaded.messages) == 1
+
+
+async def test_updating_a_deleted_session_is_a_conflict_not_a_resurrection(backend: Backend) -> None:
+    await backend.write_batch([full(record("s", 1, 1))])
+    assert await backend.delete_user(1) == ["s"]
+    stale = SessionDelta(replace(record("s", 1), version=1), (message(2),), 2)
+    result = await backend.write_batch([stale])
+    assert result.conflicts == result.deleted == {"s"}
+    assert await backend.load_session("s") is None

@@ -42,6 +42,8 @@ BAD_CALLS: list[tuple[str, str, Call]] = [
     ("content", "content not str", lambda s, m: s.append_message("s", user_id=1, role="user", content=b"x")),  # type: ignore[arg-type]
     ("content", "oversized content", lambda s, m: s.append_message("s", user_id=1, role="user", content="x" * 2049)),
     ("content", "oversized multibyte content", lambda s, m: s.append_message("s", user_id=1, role="user", content="é" * 1025)),
+    ("content", "NUL in content", lambda s, m: s.append_message("s", user_id=1, role="user", content="a\x00b")),
+    ("title", "NUL in title", lambda s, m: s.update_session("s", user_id=1, title="\x00")),
     ("content", "lone surrogate content", lambda s, m: s.append_message("s", user_id=1, role="user", content="hi \ud83d")),
     ("content", "oversized replacement", lambda s, m: s.update_message("s", m, user_id=1, content="x" * 5000)),
     ("append", "surrogate token", lambda s, m: s.update_message("s", m, user_id=1, append="\udfff")),
@@ -120,8 +122,8 @@ async def test_unknown_session_and_message_raise_not_found(make_store: StoreFact
 
 async def test_values_that_pass_validation_round_trip_exactly(make_store: StoreFactory) -> None:
     store = await make_store()
-    odd = "NUL \x00 inside, emoji 🎉, RTL \u202e, CJK 漢字"
-    metadata = {"nested": {"list": [1, 2.5, True, None, "x"]}, "": "empty key", "big": 2**62}
+    odd = "emoji 🎉, RTL \u202e, CJK 漢字, tab\tand newline\n"
+    metadata = {"nested": {"list": [1, 2.5, True, None, "x"]}, "": "empty key", "big": 2**62, "nul": "a\x00b"}
     await store.ensure_session("odd", user_id="ülrich", title=odd)
     await store.append_message("odd", user_id="ülrich", role="tool", content=odd, metadata=metadata)
     await store.append_message("odd", user_id="ülrich", role="system", content="")

@@ -336,7 +336,7 @@ class RefusingBackend(SQLiteBackend):
     async def write_batch(self, deltas: object) -> None:
         if self.refuse:
             raise StorageError("disk says no")
-        await super().write_batch(deltas)  # type: ignore[arg-type]
+        return await super().write_batch(deltas)  # type: ignore[arg-type]
 
 
 async def test_failed_flushes_keep_data_and_aclose_saves_it_to_a_recovery_file(

@@ -25,6 +25,8 @@ class Config:
     """
 
     db_path: Path = Path("./chat_sessions.db")
+    db_url: str | None = None
+    db_schema: str = "writebehind"
     retention_days: int = 90
     cleanup_interval_hours: float = 24.0
     flush_interval_ms: int = 1000
@@ -69,6 +71,8 @@ class Config:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.db_url is not None and not self.db_url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(f"db_url must be a postgresql:// URL (unset means SQLite), got {self.db_url!r}")
         mode = self.synchronous.upper()
         if mode not in SYNCHRONOUS_MODES:
             raise ConfigError(f"synchronous must be one of {SYNCHRONOUS_MODES}, got {self.synchronous!r}")
@@ -111,6 +115,8 @@ _str.__name__ = "string"
 
 ENV_VARS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "db_path": ("CHAT_SESSION_DB_PATH", _path),
+    "db_url": ("CHAT_SESSION_DB_URL", _str),
+    "db_schema": ("CHAT_SESSION_DB_SCHEMA", _str),
     "retention_days": ("CHAT_SESSION_RETENTION_DAYS", int),
     "cleanup_interval_hours": ("CHAT_SESSION_CLEANUP_INTERVAL_HOURS", float),
     "flush_interval_ms": ("CHAT_SESSION_FLUSH_INTERVAL_MS", int),

@@ -176,9 +176,13 @@ class DirtyIndex:
         self._to_front(wanted)
         return self.take(count, 1 << 62)
 
-    def done(self, batch: list[Taken]) -> None:
+    def done(self, batch: list[Taken], versions: dict[str, int]) -> None:
+        """The batch committed: record each written session's new version."""
         for taken in batch:
             sid = taken.delta.record.id
+            version = versions.get(sid)
+            if version is not None:
+                taken.session.version = version
             self._settle(sid)
             self._refusals.pop(sid, None)
 

@@ -77,8 +77,13 @@ class SchemaError(StorageError):
 
 
 class ConflictError(StorageError):
-    """Another instance changed the session since this one last read it."""
+    """Another writer (an app instance sharing the database, an erasure) changed or deleted
+    the session since this one last read it. This instance's version was not written: it
+    is kept (`WriteBehindStore.take_conflicts()`), and the next access loads the winner's."""
 
-    def __init__(self, session_id: str) -> None:
-        super().__init__(f"session {session_id!r} was changed by another writer")
-        self.session_id = session_id
+    def __init__(self, session_ids: list[str]) -> None:
+        first = session_ids[0]
+        more = f" (and {len(session_ids) - 1} more)" if len(session_ids) > 1 else ""
+        super().__init__(f"session {first!r}{more} was changed by another writer; not written")
+        self.session_id = first
+        self.session_ids = session_ids

@@ -101,6 +101,9 @@ class SessionRecord:
     user_agent: str | None = None
     user_binding_token: str | None = field(default=None, repr=False, compare=False)
     csrf_token: str | None = field(default=None, repr=False, compare=False)
+    # The stored row's version as last read or written (0: never stored). Several app
+    # instances on one database use it to detect each other's writes.
+    version: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +152,10 @@ def check_user_id(value: object, field_name: str = "user_id") -> UserId | None:
 
 
 def _check_encodable(field_name: str, value: str) -> int:
+    # NUL is refused for every backend alike: PostgreSQL's text cannot hold it, and a
+    # session must be movable between backends.
+    if "\x00" in value:
+        raise ValidationError(field_name, "contains a NUL character, which PostgreSQL cannot store")
     try:
         return len(value.encode("utf-8"))
     except UnicodeEncodeError:

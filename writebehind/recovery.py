@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Final
 
@@ -36,7 +37,7 @@ def write_recovery(path: Path, records: Sequence[SessionRecord]) -> None:
         {
             "format": _FORMAT,
             "written_at": utcnow().isoformat(),
-            "sessions": [encode_record(r) for r in by_id.values()],
+            "sessions": [{**encode_record(r), "version": r.version} for r in by_id.values()],
         }
     )
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -63,6 +64,6 @@ def read_recovery(path: Path) -> list[SessionRecord]:
         data = orjson.loads(path.read_bytes())
         if data.get("format") != _FORMAT:
             raise ValueError(f"unknown format {data.get('format')!r}")
-        return [decode_record(item) for item in data["sessions"]]
+        return [replace(decode_record(item), version=item.get("version", 0)) for item in data["sessions"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise StorageError(f"cannot read the recovery file {path}: {exc}; left in place") from exc

@@ -48,4 +48,5 @@ class StoreStats:
     backpressure_rejections: int = 0
     poisoned_sessions: int = 0
     sessions_purged: int = 0
+    conflicts: int = 0
     last_cleanup_at: datetime | None = None

@@ -76,6 +76,7 @@ class _Session:
         "updated_at",
         "user_agent",
         "user_id",
+        "version",
     )
 
     def __init__(self, record: SessionRecord, last_touch: float) -> None:
@@ -90,6 +91,7 @@ class _Session:
         self.user_agent = record.user_agent
         self.binding_token = record.user_binding_token
         self.csrf_token = record.csrf_token
+        self.version = record.version
         self.messages: list[StoredMessage] = list(record.messages)
         self.index: dict[str, int] = {m.id: i for i, m in enumerate(self.messages)}
         self.last_touch = last_touch
@@ -108,6 +110,7 @@ class _Session:
             user_agent=self.user_agent,
             user_binding_token=self.binding_token,
             csrf_token=self.csrf_token,
+            version=self.version,
         )
 
     def summary(self) -> SessionSummary:

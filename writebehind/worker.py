@@ -33,7 +33,7 @@ from asyncio_throttle.throttler import Throttler
 
 from .backends.base import Backend, RecordError
 from .dirty import DirtyIndex, Taken
-from .errors import ClosedError, StorageError
+from .errors import ClosedError, ConflictError, StorageError
 from .model import utcnow
 
 __all__ = ["FlushWorker", "WorkerStats"]
@@ -83,7 +83,9 @@ class FlushWorker:
         batch_sessions: int,
         max_flushes_per_second: float,
         retry_max_delay_s: float,
+        on_conflict: Callable[[Any, bool], None] = lambda session, deleted: None,
     ) -> None:
+        self._on_conflict = on_conflict
         self._backend = backend
         self._dirty = dirty
         self._interval = interval_s
@@ -264,24 +266,27 @@ class FlushWorker:
         backend refused.
         """
         refused: list[str] = []
+        conflicts: list[str] = []
         remaining = len(self._dirty)
         while remaining > 0:
             batch = self._dirty.take(min(self._batch, remaining), _MAX_MESSAGES_PER_BATCH)
             if not batch:
                 break
             remaining -= len(batch)
-            await self._write(batch, refused)
+            await self._write(batch, refused, conflicts)
+        if conflicts:
+            raise ConflictError(conflicts)
         if refused:
             raise RecordError(
                 f"the backend refused the data of {len(refused)} session(s), kept in memory: "
                 + ", ".join(refused[:10])
             )
 
-    async def _write(self, batch: list[Taken], refused: list[str]) -> None:
+    async def _write(self, batch: list[Taken], refused: list[str], conflicts: list[str]) -> None:
         try:
             async with self._throttler:
                 started = time.perf_counter()
-                await self._backend.write_batch([t.delta for t in batch])
+                result = await self._backend.write_batch([t.delta for t in batch])
         except RecordError as exc:
             self._dirty.restore(batch)
             if len(batch) == 1:
@@ -295,7 +300,7 @@ class FlushWorker:
             for part in (ids[:half], ids[half:]):
                 again = self._dirty.take_these(part)
                 if again:
-                    await self._write(again, refused)
+                    await self._write(again, refused, conflicts)
             return
         except StorageError as exc:
             self._dirty.restore(batch)
@@ -305,8 +310,12 @@ class FlushWorker:
             self._dirty.restore(batch)
             raise
         latency = (time.perf_counter() - started) * 1000
-        self._dirty.done(batch)
-        self._succeeded(batch, latency)
+        self._dirty.done(batch, result.versions)
+        self._succeeded([t for t in batch if t.delta.record.id in result.versions], latency)
+        for taken in batch:
+            if taken.delta.record.id in result.conflicts:
+                conflicts.append(taken.delta.record.id)
+                self._on_conflict(taken.session, taken.delta.record.id in result.deleted)
 
     def _poison(self, sid: str, exc: StorageError) -> None:
         tries = self._dirty.refused(sid)

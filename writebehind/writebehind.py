@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import warnings
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -113,7 +114,9 @@ class WriteBehindStore:
             batch_sessions=config.flush_batch,
             max_flushes_per_second=config.max_flushes_per_second,
             retry_max_delay_s=config.retry_max_delay_ms / 1000,
+            on_conflict=self._conflicted,
         )
+        self._conflicts: dict[str, SessionRecord] = {}
         self._state = _NEW
         self._loading: dict[str, asyncio.Task[None]] = {}
         # Bumped whenever a delete commits: a load that began before it must not
@@ -130,7 +133,8 @@ class WriteBehindStore:
     def from_config(
         cls, config: Config | None = None, *, policy: PersistencePolicy = authenticated_only
     ) -> WriteBehindStore:
-        """The default stack: an LRU hot tier over SQLite at `config.db_path`."""
+        """The default stack: an LRU hot tier over SQLite at `config.db_path`, or over
+        PostgreSQL when `config.db_url` (CHAT_SESSION_DB_URL) is set."""
         from .backends.sqlite import SQLiteBackend
 
         config = config or Config.from_env()
@@ -139,12 +143,21 @@ class WriteBehindStore:
             anon_ttl_seconds=config.anon_ttl_seconds,
             max_message_bytes=config.max_message_bytes,
         )
-        backend = SQLiteBackend(
-            config.db_path,
-            synchronous=config.synchronous,
-            busy_timeout_ms=config.busy_timeout_ms,
+        backend: Backend
+        if config.db_url is not None:
+            from .backends.postgres import PostgresBackend
+
+            backend = PostgresBackend(config.db_url, schema=config.db_schema)
+        else:
+            backend = SQLiteBackend(
+                config.db_path,
+                synchronous=config.synchronous,
+                busy_timeout_ms=config.busy_timeout_ms,
+            )
+        # The recovery file lies beside the SQLite file, or at db_path for PostgreSQL.
+        return cls(
+            hot, backend, config=config, policy=policy, recovery_path=recovery_path_for(config.db_path)
         )
-        return cls(hot, backend, config=config, policy=policy)
 
     @property
     def hot(self) -> SessionStore:
@@ -179,9 +192,20 @@ class WriteBehindStore:
             return
         records = read_recovery(path)
         deltas = [SessionDelta(replace(r, messages=()), r.messages, len(r.messages)) for r in records]
-        await self._backend.write_batch(deltas)
-        path.unlink()
-        LOG.warning("replayed %d sessions from the recovery file %s", len(records), path)
+        result = await self._backend.write_batch(deltas)
+        if result.conflicts:
+            # Someone else wrote these sessions since: keep the file for a person to look at.
+            kept = path.with_name(f"{path.name}.conflicted-{int(time.time())}")
+            path.rename(kept)
+            LOG.error(
+                "the recovery file had %d sessions another writer changed since (%s); kept as %s",
+                len(result.conflicts),
+                ", ".join(sorted(result.conflicts)[:10]),
+                kept,
+            )
+        else:
+            path.unlink()
+        LOG.warning("replayed %d sessions from the recovery file %s", len(result.versions), path)
 
     async def aclose(self) -> None:
         """Flush everything and close. Idempotent.
@@ -574,6 +598,31 @@ class WriteBehindStore:
         ACCESS.info("erased user=%s sessions=%d", uid, count)
         return count
 
+    def _conflicted(self, session: _Session, deleted: bool) -> None:
+        """Another writer won: keep this instance's version for the caller, and drop the
+        session from memory so that the next access loads the winner's. If the winner
+        deleted it (an erasure on another instance), this instance's copy goes too."""
+        if self._in_memory.get(session.id) is session:
+            self._forget(session.id)
+        self._epoch += 1
+        if deleted:
+            LOG.warning("session %s was deleted by another writer; dropped here too", session.id)
+            return
+        record = session.snapshot()
+        self._conflicts[session.id] = record
+        LOG.warning(
+            "session %s was changed by another writer; this instance's version (%d messages) is "
+            "kept in take_conflicts() and the next access loads the winner's",
+            session.id,
+            len(record.messages),
+        )
+
+    def take_conflicts(self) -> dict[str, SessionRecord]:
+        """The versions of sessions that lost a write conflict since the last call (this
+        instance's, not written); the caller decides whether to re-apply anything."""
+        conflicts, self._conflicts = self._conflicts, {}
+        return conflicts
+
     def _forget(self, session_id: str) -> None:
         self._hot._remove(session_id)
         self._dirty.discard(session_id)
@@ -605,6 +654,7 @@ class WriteBehindStore:
             backpressure_rejections=self._rejections,
             poisoned_sessions=worker.poisoned_sessions,
             sessions_purged=self._purged,
+            conflicts=len(self._conflicts),
             last_cleanup_at=self._last_cleanup_at,
         )
 
@@ -661,7 +711,9 @@ class WriteBehindStore:
             if session is None:
                 continue
             if session.last_access_at >= cutoff or self._dirty.holds(sid):
-                # Active in memory, only its disk row was old: write it back whole.
+                # Active in memory, only its disk row was old: write it back whole, as a
+                # new row (this purge deleted the old one).
+                session.version = 0
                 self._dirty.mark_full(sid)
             else:
                 self._forget(sid)

@@ -143,7 +143,7 @@ class IOErrorBackend(SQLiteBackend):
         if self.failures:
             self.failures -= 1
             raise _storage_error(self.path, "write_batch", sqlite3.OperationalError("disk I/O error"))
-        await super().write_batch(deltas)
+        return await super().write_batch(deltas)
 
 
 async def test_io_error_during_commit_keeps_data_and_lands_later(db_path: Path) -> None:

@@ -20,7 +20,7 @@ from typing import Protocol, runtime_checkable
 from ..errors import StorageError
 from ..model import SessionRecord, SessionSummary, StoredMessage, UserId
 
-__all__ = ["Backend", "RecordError", "SessionDelta"]
+__all__ = ["Backend", "BatchResult", "RecordError", "SessionDelta", "check_versions"]
 
 
 class RecordError(StorageError):
@@ -33,12 +33,26 @@ class SessionDelta:
 
     `record` carries the session row (its `messages` are empty); `messages` are only
     the messages added or edited since the last flush, in `seq` order;
-    `message_count` is the session's total.
+    `message_count` is the session's total. `record.version` is the version this
+    writer last saw: 0 means "insert, the row must not exist"; n means "update, the row
+    must still be at version n". Anything else is a conflict: another writer (an app
+    instance, an erasure) got there first, and nothing of this session is written.
     """
 
     record: SessionRecord
     messages: tuple[StoredMessage, ...]
     message_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """What a batch did: each written session's new version, and the sessions skipped
+    because of a version conflict; `deleted` are those of them whose row is gone (another
+    writer deleted or erased them)."""
+
+    versions: dict[str, int]
+    conflicts: frozenset[str] = frozenset()
+    deleted: frozenset[str] = frozenset()
 
 
 @runtime_checkable
@@ -48,8 +62,9 @@ class Backend(Protocol):
 
     async def close(self) -> None: ...
 
-    async def write_batch(self, deltas: Sequence[SessionDelta]) -> None:
-        """Upsert all deltas in one transaction: all of it lands, or none of it."""
+    async def write_batch(self, deltas: Sequence[SessionDelta]) -> BatchResult:
+        """Upsert all deltas in one transaction: all of it lands, or none of it, except the
+        sessions whose version conflicts, which are left out and reported."""
 
     async def load_session(self, session_id: str) -> SessionRecord | None: ...
 
@@ -74,3 +89,21 @@ class Backend(Protocol):
 
     def iter_user_sessions(self, user_id: UserId) -> AsyncIterator[SessionRecord]:
         """Every session of the user, whole, a few at a time (for export)."""
+
+
+def check_versions(
+    deltas: Sequence[SessionDelta], current: dict[str, int]
+) -> tuple[list[SessionDelta], frozenset[str]]:
+    """Which deltas may be written: an insert (version 0) of a row that does not exist, or
+    an update of a row still at the version this writer last saw. Shared by the
+    backends, which read `current` under a lock that keeps it true until they commit."""
+    written: list[SessionDelta] = []
+    conflicts: set[str] = set()
+    for delta in deltas:
+        have = current.get(delta.record.id)
+        expected = delta.record.version
+        if (expected == 0 and have is None) or (expected != 0 and have == expected):
+            written.append(delta)
+        else:
+            conflicts.add(delta.record.id)
+    return written, frozenset(conflicts)

@@ -23,7 +23,7 @@ import orjson
 from ..config import SYNCHRONOUS_MODES
 from ..errors import SchemaError, StorageError
 from ..model import SessionRecord, SessionSummary, StoredMessage, UserId, from_micros, to_micros
-from .base import RecordError, SessionDelta
+from .base import BatchResult, RecordError, SessionDelta, check_versions
 from .migrations import SQLITE as MIGRATIONS
 
 __all__ = ["SCHEMA_VERSION", "SQLiteBackend"]
@@ -34,13 +34,13 @@ _EXPORT_PAGE: Final = 50
 
 _UPSERT_SESSION: Final = """
 INSERT INTO sessions (id, user_id, created_at, updated_at, last_access_at, status, title,
-                      client_ip, user_agent, message_count)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                      client_ip, user_agent, message_count, version)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (id) DO UPDATE SET
     user_id = excluded.user_id, updated_at = excluded.updated_at,
     last_access_at = excluded.last_access_at, status = excluded.status, title = excluded.title,
     client_ip = excluded.client_ip, user_agent = excluded.user_agent,
-    message_count = excluded.message_count, version = version + 1
+    message_count = excluded.message_count, version = excluded.version
 """
 _UPSERT_MESSAGE: Final = """
 INSERT INTO messages (session_id, seq, id, role, content, created_at, updated_at, metadata)
@@ -49,7 +49,7 @@ ON CONFLICT (session_id, seq) DO UPDATE SET
     content = excluded.content, updated_at = excluded.updated_at, metadata = excluded.metadata
 """
 _SESSION_COLUMNS: Final = (
-    "id, user_id, created_at, updated_at, last_access_at, status, title, client_ip, user_agent"
+    "id, user_id, created_at, updated_at, last_access_at, status, title, client_ip, user_agent, version"
 )
 _SUMMARY_COLUMNS: Final = "id, user_id, title, status, created_at, updated_at, last_access_at, message_count"
 
@@ -165,18 +165,34 @@ class SQLiteBackend:
 
     # -- writes (the flush worker's) ---------------------------------------------------------
 
-    async def write_batch(self, deltas: Sequence[SessionDelta]) -> None:
+    async def write_batch(self, deltas: Sequence[SessionDelta]) -> BatchResult:
         if not deltas:
-            return
+            return BatchResult({})
         # Rows are built on the event loop: about half a microsecond a message, and the
         # worker bounds a batch's size. Overlapping the building with the previous chunk's
         # execution in the connection's thread was measured and gained nothing.
-        session_rows = [_session_row(delta) for delta in deltas]
-        message_rows = _message_rows(deltas)
         async with self._transaction("write_batch") as conn:
-            await conn.executemany(_UPSERT_SESSION, session_rows)
-            if message_rows:
-                await conn.executemany(_UPSERT_MESSAGE, message_rows)
+            # BEGIN IMMEDIATE holds the write lock: the versions read here cannot change
+            # before this transaction commits.
+            current: dict[str, int] = {}
+            ids = [d.record.id for d in deltas]
+            for start in range(0, len(ids), 500):
+                part = ids[start : start + 500]
+                rows = await conn.execute_fetchall(
+                    f"SELECT id, version FROM sessions WHERE id IN ({','.join('?' * len(part))})", part
+                )
+                current.update((row[0], row[1]) for row in rows)
+            written, conflicts = check_versions(deltas, current)
+            if written:
+                await conn.executemany(_UPSERT_SESSION, [_session_row(d) for d in written])
+                message_rows = _message_rows(written)
+                if message_rows:
+                    await conn.executemany(_UPSERT_MESSAGE, message_rows)
+        return BatchResult(
+            {d.record.id: d.record.version + 1 for d in written},
+            conflicts,
+            frozenset(sid for sid in conflicts if sid not in current),
+        )
 
     async def delete_session(self, session_id: str, user_id: UserId | None) -> bool:
         async with self._transaction("delete_session") as conn:
@@ -390,6 +406,7 @@ def _session_row(delta: SessionDelta) -> tuple[Any, ...]:
         r.client_ip,
         r.user_agent,
         delta.message_count,
+        r.version + 1,
     )
 
 
@@ -489,7 +506,7 @@ async def _load_page(
 
 
 def _record(row: Any, messages: list[StoredMessage]) -> SessionRecord:
-    sid, user_id, created, updated, accessed, status, title, client_ip, user_agent = row
+    sid, user_id, created, updated, accessed, status, title, client_ip, user_agent, version = row
     return SessionRecord(
         id=sid,
         user_id=user_id,
@@ -501,6 +518,7 @@ def _record(row: Any, messages: list[StoredMessage]) -> SessionRecord:
         messages=tuple(messages),
         client_ip=client_ip,
         user_agent=user_agent,
+        version=version,
     )
 
 

@@ -1,0 +1,414 @@
+"""`PostgresBackend`: the scale-out backend, on asyncpg (`pip install writebehind[postgres]`).
+
+The same schema in spirit as SQLite's, in a PostgreSQL schema of its own (default
+`writebehind`), migrations recorded in `<schema>.writebehind_migrations` and applied
+under an advisory lock so that several app instances starting at once migrate once.
+A bounded connection pool; one transaction per batch.
+
+User ids: an int user 1 and a str user "1" are different users, as in memory: the
+row keeps the id as text plus its kind.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
+from typing import Any, Final
+
+import asyncpg
+import orjson
+
+from ..errors import SchemaError, StorageError
+from ..model import SessionRecord, SessionSummary, StoredMessage, UserId
+from .base import BatchResult, RecordError, SessionDelta, check_versions
+
+__all__ = ["SCHEMA_VERSION", "PostgresBackend"]
+
+LOG = logging.getLogger("writebehind")
+
+_IDENT: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_INT, _TEXT = 0, 1
+_EXPORT_PAGE: Final = 50
+
+MIGRATIONS: Final[tuple[str, ...]] = (
+    """
+    CREATE TABLE {s}.sessions (
+        id             text PRIMARY KEY,
+        user_kind      smallint,
+        user_id        text,
+        created_at     timestamptz NOT NULL,
+        updated_at     timestamptz NOT NULL,
+        last_access_at timestamptz NOT NULL,
+        status         text NOT NULL,
+        title          text,
+        client_ip      text,
+        user_agent     text,
+        message_count  integer NOT NULL DEFAULT 0,
+        version        bigint NOT NULL DEFAULT 1
+    );
+    CREATE INDEX sessions_user_updated ON {s}.sessions (user_kind, user_id, updated_at);
+    CREATE INDEX sessions_updated ON {s}.sessions (updated_at);
+    CREATE INDEX sessions_last_access ON {s}.sessions (last_access_at);
+    CREATE TABLE {s}.messages (
+        session_id text NOT NULL REFERENCES {s}.sessions (id) ON DELETE CASCADE,
+        seq        integer NOT NULL,
+        id         text NOT NULL,
+        role       text NOT NULL,
+        content    text NOT NULL,
+        created_at timestamptz NOT NULL,
+        updated_at timestamptz NOT NULL,
+        metadata   json,
+        PRIMARY KEY (session_id, seq)
+    );
+    """,
+)
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+
+
+def _user(user_id: UserId | None) -> tuple[int | None, str | None]:
+    if user_id is None:
+        return None, None
+    return (_INT, str(user_id)) if isinstance(user_id, int) else (_TEXT, user_id)
+
+
+def _from_user(kind: int | None, value: str | None) -> UserId | None:
+    if kind is None or value is None:
+        return None
+    return int(value) if kind == _INT else value
+
+
+class PostgresBackend:
+    def __init__(self, dsn: str, *, schema: str = "writebehind", pool_size: int = 10) -> None:
+        if _IDENT.fullmatch(schema) is None:
+            raise ValueError(f"schema must be a lower-case SQL identifier, got {schema!r}")
+        self.dsn = dsn
+        self.schema = schema
+        self._pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+        s = schema
+        columns = (
+            "id, user_kind, user_id, created_at, updated_at, last_access_at, status, title, "
+            "client_ip, user_agent, message_count, version"
+        )
+        self._insert_sessions = f"""
+            INSERT INTO {s}.sessions ({columns})
+            SELECT * FROM unnest($1::text[], $2::smallint[], $3::text[], $4::timestamptz[],
+                                 $5::timestamptz[], $6::timestamptz[], $7::text[], $8::text[],
+                                 $9::text[], $10::text[], $11::integer[], $12::bigint[])
+            ON CONFLICT (id) DO NOTHING
+            RETURNING id"""
+        self._update_session = f"""
+            UPDATE {s}.sessions SET user_kind = $2, user_id = $3, updated_at = $5,
+                last_access_at = $6, status = $7, title = $8, client_ip = $9, user_agent = $10,
+                message_count = $11, version = $12
+            WHERE id = $1 AND $4::timestamptz IS NOT NULL"""
+        self._upsert_message = f"""
+            INSERT INTO {s}.messages (session_id, seq, id, role, content, created_at, updated_at, metadata)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+            ON CONFLICT (session_id, seq) DO UPDATE SET
+                content = excluded.content, updated_at = excluded.updated_at,
+                metadata = excluded.metadata"""
+        self._session_columns = (
+            "id, user_kind, user_id, created_at, updated_at, last_access_at, status, title, "
+            "client_ip, user_agent, version"
+        )
+
+    def __repr__(self) -> str:
+        return f"PostgresBackend(schema={self.schema!r})"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        try:
+            pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=self._pool_size)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise StorageError(f"cannot connect to PostgreSQL: {exc}") from exc
+        try:
+            async with pool.acquire() as conn:
+                await self._migrate(conn)
+        except BaseException:
+            await pool.close()
+            raise
+        self._pool = pool
+
+    async def _migrate(self, conn: asyncpg.Connection) -> None:
+        s = self.schema
+        try:
+            async with conn.transaction():
+                # One migrator at a time across every instance starting now.
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"writebehind:{s}")
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {s}")
+                await conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {s}.writebehind_migrations "
+                    "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                version = await conn.fetchval(
+                    f"SELECT coalesce(max(version), 0) FROM {s}.writebehind_migrations"
+                )
+                if version > SCHEMA_VERSION:
+                    raise SchemaError(
+                        f"PostgreSQL schema {s} is at version {version}, newer than this writebehind "
+                        f"supports ({SCHEMA_VERSION}); upgrade writebehind. Nothing was changed."
+                    )
+                for target in range(version + 1, SCHEMA_VERSION + 1):
+                    await conn.execute(MIGRATIONS[target - 1].format(s=s))
+                    await conn.execute(
+                        f"INSERT INTO {s}.writebehind_migrations (version) VALUES ($1)", target
+                    )
+                    LOG.info("migrated PostgreSQL schema %s to version %d", s, target)
+        except asyncpg.PostgresError as exc:
+            raise StorageError(f"PostgreSQL migration of schema {s} failed: {exc}") from exc
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    def _acquire(self) -> Any:
+        if self._pool is None:
+            raise StorageError(f"{self!r} is not open")
+        return self._pool.acquire()
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def write_batch(self, deltas: Sequence[SessionDelta]) -> BatchResult:
+        if not deltas:
+            return BatchResult({})
+        s = self.schema
+        async with _errors("write_batch"), self._acquire() as conn, conn.transaction():
+            # Lock the rows this batch updates: another instance's write or delete of them
+            # waits for this commit, so the versions read here stay true until then.
+            rows = await conn.fetch(
+                f"SELECT id, version FROM {s}.sessions WHERE id = ANY($1) FOR UPDATE",
+                [d.record.id for d in deltas],
+            )
+            current = {row["id"]: row["version"] for row in rows}
+            written, conflicts = check_versions(deltas, current)
+            inserts = [d for d in written if d.record.version == 0]
+            updates = [d for d in written if d.record.version != 0]
+            if inserts:
+                # A row absent a moment ago may be inserted by another instance right now:
+                # ON CONFLICT DO NOTHING, and whatever did not come back is a conflict.
+                columns = list(zip(*(self._session_row(d) for d in inserts), strict=True))
+                landed = {
+                    row["id"] for row in await conn.fetch(self._insert_sessions, *[list(c) for c in columns])
+                }
+                lost = {d.record.id for d in inserts} - landed
+                if lost:
+                    conflicts = conflicts | lost
+                    written = [d for d in written if d.record.id not in lost]
+            if updates:
+                await conn.executemany(self._update_session, [self._session_row(d) for d in updates])
+            message_rows = [
+                (
+                    d.record.id,
+                    m.seq,
+                    m.id,
+                    m.role,
+                    m.content,
+                    m.created_at,
+                    m.updated_at,
+                    None if m.metadata is None else orjson.dumps(m.metadata).decode(),
+                )
+                for d in written
+                for m in d.messages
+            ]
+            if message_rows:
+                await conn.executemany(self._upsert_message, message_rows)
+        deleted = frozenset(
+            d.record.id
+            for d in deltas
+            if d.record.id in conflicts and d.record.version and d.record.id not in current
+        )
+        return BatchResult({d.record.id: d.record.version + 1 for d in written}, conflicts, deleted)
+
+    @staticmethod
+    def _session_row(delta: SessionDelta) -> tuple[Any, ...]:
+        r = delta.record
+        kind, uid = _user(r.user_id)
+        return (
+            r.id,
+            kind,
+            uid,
+            r.created_at,
+            r.updated_at,
+            r.last_access_at,
+            r.status,
+            r.title,
+            r.client_ip,
+            r.user_agent,
+            delta.message_count,
+            r.version + 1,
+        )
+
+    async def delete_session(self, session_id: str, user_id: UserId | None) -> bool:
+        s = self.schema
+        async with _errors("delete_session"), self._acquire() as conn:
+            if user_id is None:
+                status = await conn.execute(f"DELETE FROM {s}.sessions WHERE id = $1", session_id)
+            else:
+                kind, uid = _user(user_id)
+                status = await conn.execute(
+                    f"DELETE FROM {s}.sessions WHERE id = $1 AND user_kind = $2 AND user_id = $3",
+                    session_id,
+                    kind,
+                    uid,
+                )
+        return bool(status != "DELETE 0")
+
+    async def delete_user(self, user_id: UserId) -> list[str]:
+        kind, uid = _user(user_id)
+        async with _errors("delete_user"), self._acquire() as conn:
+            rows = await conn.fetch(
+                f"DELETE FROM {self.schema}.sessions WHERE user_kind = $1 AND user_id = $2 RETURNING id",
+                kind,
+                uid,
+            )
+        return [row["id"] for row in rows]
+
+    async def purge_older_than(self, cutoff: datetime, *, limit: int = 500) -> list[str]:
+        s = self.schema
+        async with _errors("purge"), self._acquire() as conn:
+            rows = await conn.fetch(
+                f"DELETE FROM {s}.sessions WHERE id IN (SELECT id FROM {s}.sessions "
+                "WHERE last_access_at < $1 ORDER BY last_access_at LIMIT $2) RETURNING id",
+                cutoff,
+                limit,
+            )
+        return [row["id"] for row in rows]
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def load_session(self, session_id: str) -> SessionRecord | None:
+        async with (
+            _errors("load_session"),
+            self._acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            page = await self._load(conn, [session_id])
+        return page[0] if page else None
+
+    async def _load(self, conn: asyncpg.Connection, ids: list[str]) -> list[SessionRecord]:
+        s = self.schema
+        rows = await conn.fetch(
+            f"SELECT {self._session_columns} FROM {s}.sessions WHERE id = ANY($1) ORDER BY id", ids
+        )
+        if not rows:
+            return []
+        messages: dict[str, list[StoredMessage]] = {row["id"]: [] for row in rows}
+        for m in await conn.fetch(
+            "SELECT session_id, seq, id, role, content, created_at, updated_at, metadata "
+            f"FROM {s}.messages WHERE session_id = ANY($1) ORDER BY session_id, seq",
+            list(messages),
+        ):
+            messages[m["session_id"]].append(
+                StoredMessage(
+                    id=m["id"],
+                    seq=m["seq"],
+                    role=m["role"],
+                    content=m["content"],
+                    created_at=m["created_at"],
+                    updated_at=m["updated_at"],
+                    metadata=None if m["metadata"] is None else orjson.loads(m["metadata"]),
+                )
+            )
+        return [
+            SessionRecord(
+                id=row["id"],
+                user_id=_from_user(row["user_kind"], row["user_id"]),
+                created_at=row["created_at"],
+                updated_at=row["updated_at"],
+                last_access_at=row["last_access_at"],
+                status=row["status"],
+                title=row["title"],
+                messages=tuple(messages[row["id"]]),
+                client_ip=row["client_ip"],
+                user_agent=row["user_agent"],
+                version=row["version"],
+            )
+            for row in rows
+        ]
+
+    async def list_sessions(
+        self, user_id: UserId, *, limit: int | None = None, offset: int = 0
+    ) -> list[SessionSummary]:
+        kind, uid = _user(user_id)
+        async with _errors("list_sessions"), self._acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT id, title, status, created_at, updated_at, last_access_at, message_count "
+                f"FROM {self.schema}.sessions WHERE user_kind = $1 AND user_id = $2 "
+                "ORDER BY updated_at DESC, id LIMIT $3 OFFSET $4",
+                kind,
+                uid,
+                limit,
+                offset,
+            )
+        return [
+            SessionSummary(
+                id=row["id"],
+                user_id=user_id,
+                title=row["title"],
+                status=row["status"],
+                created_at=row["created_at"],
+                updated_at=row["updated_at"],
+                last_access_at=row["last_access_at"],
+                message_count=row["message_count"],
+            )
+            for row in rows
+        ]
+
+    async def iter_user_sessions(self, user_id: UserId) -> AsyncIterator[SessionRecord]:
+        kind, uid = _user(user_id)
+        after = ""
+        while True:
+            async with (
+                _errors("export"),
+                self._acquire() as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                ids = [
+                    row["id"]
+                    for row in await conn.fetch(
+                        f"SELECT id FROM {self.schema}.sessions "
+                        "WHERE user_kind = $1 AND user_id = $2 AND id > $3 ORDER BY id LIMIT $4",
+                        kind,
+                        uid,
+                        after,
+                        _EXPORT_PAGE,
+                    )
+                ]
+                page = await self._load(conn, ids) if ids else []
+            for record in page:
+                yield record
+            if len(ids) < _EXPORT_PAGE:
+                return
+            after = ids[-1]
+
+    async def drop_schema(self) -> None:
+        """Remove this backend's schema and everything in it (tests, and operators who mean it)."""
+        async with _errors("drop_schema"), self._acquire() as conn:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
+
+
+class _errors:
+    """Map asyncpg's errors to the package's: data a constraint refused → RecordError,
+    anything else (connection lost, server gone, timeouts) → StorageError."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if exc is None or isinstance(exc, StorageError):
+            return
+        record_level = (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError)
+        if isinstance(exc, record_level):
+            raise RecordError(f"PostgreSQL {self._what} refused: {type(exc).__name__}: {exc}") from exc
+        if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError | OSError | TimeoutError):
+            raise StorageError(f"PostgreSQL {self._what} failed: {type(exc).__name__}: {exc}") from exc
