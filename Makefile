@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint run bench soak clean
+.PHONY: test lint run demo bench soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,13 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest -q
 
-# The main job: a scripted chat on ./chat_sessions.db, shut down, reopened, shown.
+# The main job: the chat server on http://127.0.0.1:8000/ over ./chat_sessions.db.
+# It prints the demo token; Ctrl-C (or SIGTERM) flushes everything and stops.
 run: $(STAMP)
+	$(BIN)/python -m writebehind.server --host 127.0.0.1 --port 8000
+
+# The library alone: a scripted chat on ./chat_sessions.db, shut down, reopened, shown.
+demo: $(STAMP)
 	$(BIN)/python -m writebehind.demo
 
 bench: $(STAMP)

@@ -27,7 +27,7 @@ from writebehind import Config, NotFound, WriteBehindStore
 
 SOAK = bool(os.environ.get("WRITEBEHIND_SOAK"))
 USERS = st.sampled_from([1, 2, "u3", None])
-TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=20)
+TEXT = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=20)
 
 
 @dataclass
