@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint run demo bench soak clean
+.PHONY: test lint browser run demo bench soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check writebehind tests benchmarks
 	$(BIN)/mypy --strict writebehind
 
-test: lint
+# Headless Chromium for the browser test, from Debian's packages (browsers that download
+# themselves cannot be fetched here).
+browser:
+	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: lint browser
 	$(BIN)/pytest -q
 
 # The main job: the chat server on http://127.0.0.1:8000/ over ./chat_sessions.db.
