@@ -454,8 +454,10 @@ class WriteBehindStore:
             binding_token=binding_token,
         )
         self._touched(session_id)
-        if ACCESS.isEnabledFor(logging.INFO):
-            ACCESS.info("read messages session=%s user=%s after_seq=%s", session_id, user_id, after_seq)
+        # DEBUG: a streaming client reads a session once a token; `get_session`, exports and
+        # erasures are the INFO-level record of who read what.
+        if ACCESS.isEnabledFor(logging.DEBUG):
+            ACCESS.debug("read messages session=%s user=%s after_seq=%s", session_id, user_id, after_seq)
         return messages
 
     async def append_message(

@@ -25,7 +25,7 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, db_path: Path, delay_ms: int = 20) -> None:
+    def __init__(self, db_path: Path, delay_ms: int = 20, extra_env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {
@@ -40,9 +40,14 @@ class Server:
             CHAT_SERVER_MAX_BODY_BYTES="4096",
             CHAT_SERVER_PING_SECONDS="1",
         )
+        env.update(extra_env or {})
+        # A file, not a pipe: nobody drains a pipe while the test runs, and a server whose
+        # log fills one blocks on its next line.
+        self.log_path = db_path.with_name(f"{db_path.name}.{self.port}.log")
+        self.log = self.log_path.open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "writebehind.server", "--port", str(self.port)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -62,10 +67,8 @@ class Server:
         return self.output()
 
     def output(self) -> str:
-        if self.proc.stdout is None or self.proc.poll() is None:
-            return ""
-        self._output = getattr(self, "_output", "") + self.proc.stdout.read()
-        return self._output
+        self.log.flush()
+        return self.log_path.read_text()
 
 
 def client(server: Server, who: str | None = None) -> httpx.Client:

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import sqlite3
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,9 @@ from writebehind import (
     StorageError,
     WriteBehindStore,
 )
+from writebehind.backends.base import SessionDelta
 from writebehind.backends.sqlite import _storage_error
+from writebehind.model import SessionRecord, utcnow
 
 from ..conftest import StoreFactory
 from .helpers import Model, assert_prefixes, integrity, on_disk
@@ -230,3 +233,19 @@ async def test_backpressure_with_a_failing_disk_refuses_new_work_and_drops_nothi
     await model.append(store, "s3", 1, "room again")
     await store.aclose()
     assert on_disk(db_path) == model.sessions
+
+
+async def test_a_write_cancelled_mid_transaction_leaves_the_backend_usable(db_path: Path) -> None:
+    backend = SQLiteBackend(db_path)
+    await backend.open()
+    try:
+        record = SessionRecord("s", 1, utcnow(), utcnow(), utcnow())
+        for _ in range(20):  # cancel at every point of the round trip, one of them mid-BEGIN
+            task = asyncio.create_task(backend.write_batch([SessionDelta(record, (), 0)]))
+            await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        result = await backend.write_batch([SessionDelta(replace(record, id="t"), (), 0)])
+        assert result.versions == {"t": 1}
+    finally:
+        await backend.close()

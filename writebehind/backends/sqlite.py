@@ -366,7 +366,17 @@ class _Transaction:
 
     async def __aenter__(self) -> aiosqlite.Connection:
         try:
-            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                await self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if "within a transaction" not in str(exc):
+                    raise
+                # A call cancelled while its BEGIN was on the connection's queue (the worker
+                # cancelled from outside) left a transaction open: nothing of it was
+                # committed, so roll it back and begin again.
+                LOG.warning("rolling back a transaction left open by a cancelled call")
+                await self._conn.execute("ROLLBACK")
+                await self._conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             raise _storage_error(self._path, self._what, exc) from exc
         return self._conn

@@ -42,12 +42,14 @@ from ..errors import (
     WriteBehindError,
 )
 from ..model import SessionRecord, SessionSummary, StoredMessage, UserId
+from ..store import SessionStore
 from ..writebehind import WriteBehindStore
 from .responder import EchoResponder, Responder
 
 __all__ = ["ServerSettings", "create_app"]
 
 LOG = logging.getLogger("writebehind.server")
+ACCESS = logging.getLogger("writebehind.access")
 COOKIE: Final = "wb_anon"
 _EVENT_ID: Final = re.compile(r"(\d{1,9}):(\d{1,12})(d?)")
 STATIC: Final = Path(__file__).with_name("static")
@@ -62,6 +64,7 @@ class ServerSettings:
     max_body_bytes: int = 64 * 1024
     ping_seconds: float = 15.0
     secure_cookies: bool = False
+    persist: bool = True  # False: the plain in-memory SessionStore (the load benchmark's baseline)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerSettings:
@@ -80,6 +83,7 @@ class ServerSettings:
                 token_delay_ms=int(env.get("CHAT_DEMO_TOKEN_DELAY_MS", "30")),
                 max_body_bytes=int(env.get("CHAT_SERVER_MAX_BODY_BYTES", str(64 * 1024))),
                 ping_seconds=float(env.get("CHAT_SERVER_PING_SECONDS", "15")),
+                persist=env.get("CHAT_SERVER_PERSIST", "1") not in ("0", "false", "no"),
             )
         except ValueError as exc:
             raise ValueError(f"bad server setting: {exc}") from None
@@ -268,8 +272,15 @@ def create_app(
 ) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = WriteBehindStore.from_config(config or Config.from_env())
-        await store.start()
+        cfg = config or Config.from_env()
+        store: Store
+        if app.state.settings.persist:
+            store = WriteBehindStore.from_config(cfg)
+            await store.start()
+        else:
+            store = SessionStore(
+                cfg.cache_size, anon_ttl_seconds=cfg.anon_ttl_seconds, max_message_bytes=cfg.max_message_bytes
+            )
         app.state.store = store
         app.state.replies = set()
         try:
@@ -279,8 +290,9 @@ def create_app(
             for task in replies:
                 task.cancel()
             await asyncio.gather(*replies, return_exceptions=True)
-            await store.aclose()  # the shutdown hook: everything dirty reaches disk
-            LOG.info("store closed: flushed")
+            if isinstance(store, WriteBehindStore):
+                await store.aclose()  # the shutdown hook: everything dirty reaches disk
+                LOG.info("store closed: flushed")
 
     app = FastAPI(
         title="writebehind chat", lifespan=lifespan, docs_url="/api/docs", openapi_url="/api/openapi.json"
@@ -295,8 +307,11 @@ def create_app(
     return app
 
 
-def _store(request: Request) -> WriteBehindStore:
-    store: WriteBehindStore = request.app.state.store
+Store = SessionStore | WriteBehindStore
+
+
+def _store(request: Request) -> Store:
+    store: Store = request.app.state.store
     return store
 
 
@@ -437,6 +452,7 @@ def _routes(app: FastAPI) -> None:
         who: dict[str, Any] = {"user_id": caller.user_id, "binding_token": caller.binding}
         messages = await store.get_messages(sid, **who)  # 404 before the stream starts
         position = _resume_point(request.headers.get("last-event-id"), messages)
+        ACCESS.info("stream session=%s user=%s from=%s", sid, caller.user_id, position)
         settings: ServerSettings = request.app.state.settings
         return EventSourceResponse(
             _stream(store, request.app.state.broker, sid, who, position),
@@ -449,8 +465,11 @@ def _routes(app: FastAPI) -> None:
         caller = _caller(request)
         if caller.user_id is None:
             raise ApiError(401, "unauthorized", "anonymous sessions are not stored; nothing to export")
+        store = _store(request)
+        if not isinstance(store, WriteBehindStore):
+            raise ApiError(404, "not_found", "this server keeps nothing: persistence is off")
         return StreamingResponse(
-            _store(request).export_user_json(caller.user_id),
+            store.export_user_json(caller.user_id),
             media_type="application/json",
             headers={"Content-Disposition": 'attachment; filename="my-chats.json"'},
         )
@@ -464,7 +483,7 @@ def _routes(app: FastAPI) -> None:
 
 
 async def _reply(
-    store: WriteBehindStore,
+    store: Store,
     broker: Broker,
     responder: Responder,
     sid: str,
@@ -505,7 +524,7 @@ def _resume_point(header: str | None, messages: tuple[StoredMessage, ...]) -> tu
 
 
 async def _stream(
-    store: WriteBehindStore,
+    store: Store,
     broker: Broker,
     sid: str,
     who: dict[str, Any],
