@@ -57,6 +57,15 @@ def new_round() -> Round:
     return Round(sessions, messages)
 
 
+async def fill(store: WriteBehindStore, data: Round) -> None:
+    """Put a round into the store, through its public API, as the app would."""
+    for sid, user in data.sessions:
+        await store.ensure_session(sid, user_id=user)
+    users = dict(data.sessions)
+    for sid, _seq, mid, content in data.messages:
+        await store.append_message(sid, user_id=users[sid], role="user", content=content, message_id=mid)
+
+
 class RawWriter:
     """The baseline: plain sqlite3, the same schema and pragmas, rows ready-made."""
 
@@ -119,18 +128,11 @@ def test_flush(benchmark: BenchmarkFixture, loop: asyncio.AbstractEventLoop, tmp
         current[:] = [new_round()]
         return raw.prepare(current[0])
 
-    async def fill(data: Round) -> None:
-        for sid, user in data.sessions:
-            await store.ensure_session(sid, user_id=user)
-        users = dict(data.sessions)
-        for sid, _seq, mid, content in data.messages:
-            await store.append_message(sid, user_id=users[sid], role="user", content=content, message_id=mid)
+    def contender() -> Callable[[], Coroutine[Any, Any, None]]:
+        loop.run_until_complete(fill(store, current[0]))
         backend = store.backend
         assert isinstance(backend, SQLiteBackend)
-        await backend.writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-
-    def contender() -> Callable[[], Coroutine[Any, Any, None]]:
-        loop.run_until_complete(fill(current[0]))
+        loop.run_until_complete(backend.writer.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
         return store.flush
 
     run_paired(

@@ -23,7 +23,7 @@ from writebehind import Config, SessionStore, StorageError, WriteBehindStore
 from writebehind.backends.postgres import MIGRATIONS, PostgresBackend
 
 from .paired import run_paired
-from .test_flush import MESSAGES, PER_SESSION, ROUNDS, SESSIONS, Round, new_round
+from .test_flush import MESSAGES, PER_SESSION, ROUNDS, SESSIONS, Round, fill, new_round
 
 DSN = "postgresql://postgres@127.0.0.1:5432/test"
 OPS = 1000
@@ -105,17 +105,8 @@ def test_flush_postgres(
         current[:] = [new_round()]
         return raw.prepare(current[0])
 
-    async def fill(data: Round) -> None:
-        for sid, user in data.sessions:
-            await pg_store.ensure_session(sid, user_id=user)
-        users = dict(data.sessions)
-        for sid, _seq, mid, content in data.messages:
-            await pg_store.append_message(
-                sid, user_id=users[sid], role="user", content=content, message_id=mid
-            )
-
     def contender() -> Callable[[], Coroutine[Any, Any, None]]:
-        loop.run_until_complete(fill(current[0]))
+        loop.run_until_complete(fill(pg_store, current[0]))
         return pg_store.flush
 
     try:
