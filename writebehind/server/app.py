@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import orjson
+from cachetools import TTLCache
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -251,10 +252,22 @@ async def _send_error(send: Send, status: int, kind: str, message: str) -> None:
 class Broker:
     """Wakes the SSE streams of a session when it changes. One event per session,
     replaced at each notification, so a waiter never misses one that came after it
-    read the session."""
+    read the session. Streams subscribe and unsubscribe, so a session nobody follows
+    holds nothing here."""
 
     def __init__(self) -> None:
         self._events: dict[str, asyncio.Event] = {}
+        self._listeners: dict[str, int] = {}
+
+    def subscribe(self, session_id: str) -> None:
+        self._listeners[session_id] = self._listeners.get(session_id, 0) + 1
+
+    def unsubscribe(self, session_id: str) -> None:
+        left = self._listeners.pop(session_id, 1) - 1
+        if left > 0:
+            self._listeners[session_id] = left
+        else:
+            self._events.pop(session_id, None)
 
     def waiter(self, session_id: str) -> asyncio.Event:
         return self._events.setdefault(session_id, asyncio.Event())
@@ -263,6 +276,9 @@ class Broker:
         event = self._events.pop(session_id, None)
         if event is not None:
             event.set()
+
+    def __len__(self) -> int:
+        return len(self._events)
 
 
 def create_app(
@@ -300,7 +316,9 @@ def create_app(
     app.state.settings = settings = settings or ServerSettings.from_env()
     app.state.responder = responder or EchoResponder(settings.token_delay_ms / 1000)
     app.state.broker = Broker()
-    app.state.anon_sessions = {}
+    # The anonymous "my sessions" list, per cookie; bounded and forgotten when idle, like
+    # the anonymous sessions themselves.
+    app.state.anon_sessions = TTLCache(maxsize=100_000, ttl=(config or Config.from_env()).anon_ttl_seconds)
     app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
     _routes(app)
     _errors(app)
@@ -524,6 +542,21 @@ def _resume_point(header: str | None, messages: tuple[StoredMessage, ...]) -> tu
 
 
 async def _stream(
+    store: Store,
+    broker: Broker,
+    sid: str,
+    who: dict[str, Any],
+    position: tuple[int, int, bool],
+) -> AsyncIterator[ServerSentEvent]:
+    broker.subscribe(sid)
+    try:
+        async for event in _events(store, broker, sid, who, position):
+            yield event
+    finally:  # the client left (or the server stops): forget this listener
+        broker.unsubscribe(sid)
+
+
+async def _events(
     store: Store,
     broker: Broker,
     sid: str,
