@@ -249,3 +249,23 @@ async def test_a_write_cancelled_mid_transaction_leaves_the_backend_usable(db_pa
         assert result.versions == {"t": 1}
     finally:
         await backend.close()
+
+
+async def test_a_delete_on_a_failing_disk_raises_and_changes_nothing(
+    make_store: StoreFactory, db_path: Path
+) -> None:
+    store = await make_store(retry_max_delay_ms=20)
+    model = Model()
+    await store.ensure_session("s", user_id=1)
+    await model.append(store, "s", 1, "still here")
+    await store.flush()
+    clear = await read_only(store, db_path)
+    with pytest.raises(StorageError, match="readonly"):
+        await store.delete_session("s", user_id=1)
+    with pytest.raises(StorageError, match="readonly"):
+        await store.delete_user(1)
+    assert (await store.get_session("s", user_id=1)).messages[0].content == "still here"
+    await clear()
+    await store.delete_user(1)
+    await store.aclose()
+    assert on_disk(db_path) == {}
