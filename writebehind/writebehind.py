@@ -696,9 +696,9 @@ class WriteBehindStore:
         cutoff = (now or utcnow()) - timedelta(days=self.config.retention_days)
         total = 0
         while True:
-            ids = await self._worker.call(lambda: self._purge_chunk(cutoff))
-            total += len(ids)
-            if len(ids) < _PURGE_CHUNK:
+            deleted, removed = await self._worker.call(lambda: self._purge_chunk(cutoff))
+            total += removed
+            if deleted < _PURGE_CHUNK:
                 break
         total += self._purge_memory(cutoff)
         self._purged += total
@@ -706,22 +706,24 @@ class WriteBehindStore:
         LOG.info("retention: purged %d sessions idle since before %s", total, cutoff.isoformat())
         return total
 
-    async def _purge_chunk(self, cutoff: datetime) -> list[str]:
+    async def _purge_chunk(self, cutoff: datetime) -> tuple[int, int]:
+        """One transaction of retention: (rows the disk deleted, sessions really removed)."""
         ids = await self._backend.purge_older_than(cutoff, limit=_PURGE_CHUNK)
+        removed = 0
         for sid in ids:
             session = self._in_memory.get(sid)
-            if session is None:
-                continue
-            if session.last_access_at >= cutoff or self._dirty.holds(sid):
+            if session is not None and (session.last_access_at >= cutoff or self._dirty.holds(sid)):
                 # Active in memory, only its disk row was old: write it back whole, as a
-                # new row (this purge deleted the old one).
+                # new row (this purge deleted the old one). Not counted as purged.
                 session.version = 0
                 self._dirty.mark_full(sid)
-            else:
+                continue
+            if session is not None:
                 self._forget(sid)
+            removed += 1
         if ids:
             self._epoch += 1
-        return ids
+        return len(ids), removed
 
     def _purge_memory(self, cutoff: datetime) -> int:
         """Signed-in sessions idle past the cutoff that are only in memory (clean, so they
