@@ -4,7 +4,7 @@ An in-memory hot tier answers every read and write; a background worker batches
 what changed for signed-in users into SQLite (WAL) on an interval and at shutdown.
 """
 
-from .backends.base import Backend, RecordError, SessionDelta
+from .backends.base import Backend, BatchResult, RecordError, SessionDelta
 from .backends.sqlite import SQLiteBackend
 from .config import Config
 from .errors import (
@@ -28,6 +28,7 @@ __all__ = [
     "UNSET",
     "BackPressureError",
     "Backend",
+    "BatchResult",
     "ClosedError",
     "Config",
     "ConfigError",
