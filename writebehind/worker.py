@@ -255,6 +255,11 @@ class FlushWorker:
             _settle(waiters, ClosedError("the flush worker stopped"))
             raise
         else:
+            # Nothing failed this time (perhaps nothing was left to write: the dirty data of
+            # a failed flush may have been deleted since). Without this, an expired backoff
+            # deadline would stay due and the loop would spin.
+            self._retry_at = None
+            self._failures = 0
             _settle(waiters, None)
 
     async def flush_all(self) -> None:

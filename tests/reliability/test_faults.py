@@ -269,3 +269,39 @@ async def test_a_delete_on_a_failing_disk_raises_and_changes_nothing(
     await store.delete_user(1)
     await store.aclose()
     assert on_disk(db_path) == {}
+
+
+class RefuseWritesBackend(SQLiteBackend):
+    """Refuses flushes (as a full disk would) but lets deletes through."""
+
+    refuse = True
+
+    async def write_batch(self, deltas: Any) -> Any:
+        if self.refuse:
+            raise _storage_error(
+                self.path, "write_batch", sqlite3.OperationalError("database or disk is full")
+            )
+        return await super().write_batch(deltas)
+
+
+async def test_no_spin_when_the_failed_data_is_deleted_before_the_retry(db_path: Path) -> None:
+    backend = RefuseWritesBackend(db_path)
+    config = Config(db_path=db_path, flush_interval_ms=3_600_000, retry_max_delay_ms=20)
+    store = WriteBehindStore(SessionStore(), backend, config=config)
+    async with store:
+        await store.ensure_session("s", user_id=1)
+        with pytest.raises(StorageError):
+            await store.flush()
+        await store.delete_session("s", user_id=1)  # nothing dirty is left to retry
+        cycles = 0
+        flush_all = store._worker.flush_all
+
+        async def counted() -> None:
+            nonlocal cycles
+            cycles += 1
+            await flush_all()
+
+        store._worker.flush_all = counted  # type: ignore[method-assign]
+        await asyncio.sleep(0.3)
+        assert cycles <= 3, f"the worker ran {cycles} cycles in 0.3 s with nothing to do"
+        assert store.stats().consecutive_failures == 0
