@@ -249,6 +249,11 @@ class FlushWorker:
             return
         try:
             await self.flush_all()
+        except (RecordError, ConflictError) as exc:
+            # The backend works; it refused some sessions' data, or another writer won.
+            # Those are retried (or dropped) on the interval, not on a failure's backoff.
+            self._retry_at = None
+            _settle(waiters, exc)
         except StorageError as exc:
             _settle(waiters, exc)
         except BaseException:
