@@ -116,23 +116,6 @@ async def test_erased_user_leaves_no_byte_in_the_database_files(
         assert conn.execute("SELECT content FROM messages").fetchall() == [("keep me",)]
 
 
-async def test_erasure_racing_a_flush_cannot_bring_data_back(make_store: StoreFactory, db_path: Path) -> None:
-    store = await make_store(flush_interval_ms=1)
-    await store.ensure_session("s", user_id=1)
-    writer = asyncio.gather(
-        *(store.append_message("s", user_id=1, role="user", content=MARKER) for _ in range(50)),
-        return_exceptions=True,
-    )
-    await asyncio.sleep(0.005)
-    await store.delete_user(1)
-    await writer
-    await store.flush()
-    await asyncio.sleep(0.05)
-    await store.flush()
-    with sqlite3.connect(db_path) as conn:
-        assert conn.execute("SELECT count(*) FROM sessions").fetchone() == (0,)
-
-
 async def test_retention_purges_idle_sessions_and_never_an_active_one(
     make_store: StoreFactory, db_path: Path
 ) -> None:

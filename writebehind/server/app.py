@@ -548,51 +548,34 @@ async def _stream(
     who: dict[str, Any],
     position: tuple[int, int, bool],
 ) -> AsyncIterator[ServerSentEvent]:
+    seq, offset, sent_done = position
     broker.subscribe(sid)
     try:
-        async for event in _events(store, broker, sid, who, position):
-            yield event
+        while True:
+            changed = broker.waiter(sid)  # before reading: a change after the read wakes us
+            try:
+                messages = await store.get_messages(sid, after_seq=max(seq - 1, 0), **who)
+            except NotFound:
+                yield ServerSentEvent(event="gone", data="{}")
+                return
+            for m in messages:
+                if m.seq < seq:
+                    continue
+                if m.seq > seq:
+                    seq, offset, sent_done = m.seq, 0, False
+                done = _done(m)
+                if len(m.content) > offset or (done and not sent_done):
+                    data = {"seq": m.seq, "id": m.id, "role": m.role, "offset": offset,
+                            "text": m.content[offset:], "done": done}  # fmt: skip
+                    offset, sent_done = len(m.content), done
+                    yield ServerSentEvent(
+                        id=f"{m.seq}:{offset}{'d' if done else ''}",
+                        event="message",
+                        data=orjson.dumps(data).decode(),
+                    )
+            await changed.wait()
     finally:  # the client left (or the server stops): forget this listener
         broker.unsubscribe(sid)
-
-
-async def _events(
-    store: Store,
-    broker: Broker,
-    sid: str,
-    who: dict[str, Any],
-    position: tuple[int, int, bool],
-) -> AsyncIterator[ServerSentEvent]:
-    seq, offset, sent_done = position
-    while True:
-        changed = broker.waiter(sid)  # before reading: a change after the read wakes us
-        try:
-            messages = await store.get_messages(sid, after_seq=max(seq - 1, 0), **who)
-        except NotFound:
-            yield ServerSentEvent(event="gone", data="{}")
-            return
-        for m in messages:
-            if m.seq < seq:
-                continue
-            if m.seq > seq:
-                seq, offset, sent_done = m.seq, 0, False
-            done = _done(m)
-            if len(m.content) > offset or (done and not sent_done):
-                data = {
-                    "seq": m.seq,
-                    "id": m.id,
-                    "role": m.role,
-                    "offset": offset,
-                    "text": m.content[offset:],
-                    "done": done,
-                }
-                offset, sent_done = len(m.content), done
-                yield ServerSentEvent(
-                    id=f"{m.seq}:{offset}{'d' if done else ''}",
-                    event="message",
-                    data=orjson.dumps(data).decode(),
-                )
-        await changed.wait()
 
 
 def _errors(app: FastAPI) -> None:
