@@ -132,7 +132,7 @@ def test_flush(benchmark: BenchmarkFixture, loop: asyncio.AbstractEventLoop, tmp
         loop.run_until_complete(fill(store, current[0]))
         backend = store.backend
         assert isinstance(backend, SQLiteBackend)
-        loop.run_until_complete(backend.writer.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+        loop.run_until_complete(backend.writer.execute_fetchall("PRAGMA wal_checkpoint(TRUNCATE)"))
         return store.flush
 
     run_paired(

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from writebehind import Backend, RecordError, SessionDelta, SessionRecord, SQLiteBackend, StoredMessage
-from writebehind.model import UserId
+from writebehind.model import UserId, check_metadata
 
 from .pg import postgres_schema
 
@@ -59,7 +59,7 @@ def message(seq: int, content: str | None = None, *, at: datetime = T0, **meta: 
         content=f"content {seq}" if content is None else content,
         created_at=at + timedelta(microseconds=seq),
         updated_at=at + timedelta(seconds=1, microseconds=seq),
-        metadata=dict(meta) or None,
+        metadata_json=check_metadata(dict(meta) or None),
     )
 
 
@@ -110,7 +110,7 @@ async def test_deltas_upsert_only_what_they_carry(backend: Backend) -> None:
     r = record("s", 1, 3)
     first = await backend.write_batch([full(r)])
     assert first.versions == {"s": 1} and not first.conflicts
-    edited = replace(message(2), content="edited", metadata={"v": 2})
+    edited = replace(message(2), content="edited", metadata_json='{"v":2}')
     header = replace(r, title="renamed", status="archived", messages=(), version=1)
     await backend.write_batch([SessionDelta(header, (edited, message(4)), 4)])
     loaded = await backend.load_session("s")

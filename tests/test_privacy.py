@@ -127,10 +127,10 @@ async def test_retention_purges_idle_sessions_and_never_an_active_one(
     later = utcnow() + timedelta(days=31)
     # "stale-row" is read in memory right now: its disk row is old, the session is not
     await store.get_session("stale-row", user_id=1)
-    active = store.hot._peek("active")
+    active = store.hot.tier.peek("active")
     assert active is not None
     active.last_access_at = later  # touched in the future, from the purge's point of view
-    stale = store.hot._peek("stale-row")
+    stale = store.hot.tier.peek("stale-row")
     assert stale is not None
     stale.last_access_at = later
     await store.flush()  # "active" reaches disk with its new time; "stale-row" does too...

@@ -42,6 +42,11 @@ async def test_reopening_does_not_migrate_again(db_path: Path) -> None:
         assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
 
 
+# Each refusal holds for a store and for a read-only opener (the command line's reading verbs).
+READONLY = pytest.mark.parametrize("readonly", [False, True], ids=["store", "read-only"])
+
+
+@READONLY
 @pytest.mark.parametrize(
     ("content", "match"),
     [
@@ -50,32 +55,48 @@ async def test_reopening_does_not_migrate_again(db_path: Path) -> None:
     ],
 )
 async def test_a_file_that_is_not_a_database_is_refused_untouched(
-    db_path: Path, content: bytes, match: str
+    db_path: Path, content: bytes, match: str, readonly: bool
 ) -> None:
     db_path.write_bytes(content)
     with pytest.raises(SchemaError, match=match):
-        await SQLiteBackend(db_path).open()
+        await SQLiteBackend(db_path, readonly=readonly).open()
     assert db_path.read_bytes() == content
     assert not db_path.with_name(db_path.name + "-wal").exists()
 
 
-async def test_a_newer_schema_version_is_refused_untouched(db_path: Path) -> None:
+@READONLY
+async def test_a_newer_schema_version_is_refused_untouched(db_path: Path, readonly: bool) -> None:
     with sqlite3.connect(db_path) as conn:
         conn.execute("CREATE TABLE future (x)")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     before = db_path.read_bytes()
     with pytest.raises(SchemaError, match="newer than this writebehind supports"):
-        await SQLiteBackend(db_path).open()
+        await SQLiteBackend(db_path, readonly=readonly).open()
     assert db_path.read_bytes() == before
 
 
-async def test_someone_elses_database_is_refused_untouched(db_path: Path) -> None:
+@READONLY
+async def test_someone_elses_database_is_refused_untouched(db_path: Path, readonly: bool) -> None:
     with sqlite3.connect(db_path) as conn:
         conn.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY)")
     before = db_path.read_bytes()
     with pytest.raises(SchemaError, match="something else"):
-        await SQLiteBackend(db_path).open()
+        await SQLiteBackend(db_path, readonly=readonly).open()
     assert db_path.read_bytes() == before
+
+
+async def test_reopening_after_close_takes_the_file_again_at_once(db_path: Path) -> None:
+    first = SQLiteBackend(db_path)
+    await first.open()
+    await first.open()  # idempotent: the lock is not taken twice
+    await first.close()
+    await first.close()  # idempotent
+    second = SQLiteBackend(db_path)
+    await second.open()
+    try:
+        assert await second.integrity_check() == ["ok"]
+    finally:
+        await second.close()
 
 
 def test_bad_synchronous_mode_is_refused() -> None:

@@ -101,7 +101,7 @@ async def test_retention_removes_idle_sessions_but_not_active_ones(open_store: O
     await store.ensure_session("active", user_id=1)
     await store.flush()
     later = utcnow() + timedelta(days=31)
-    active = store.hot._peek("active")
+    active = store.hot.tier.peek("active")
     assert active is not None
     active.last_access_at = later
     await store.flush()

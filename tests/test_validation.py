@@ -69,7 +69,7 @@ BAD_CALLS: list[tuple[str, str, Call]] = [
 
 def peek(store: WriteBehindStore, session_id: str) -> SessionRecord:
     """The hot tier's record without touching it (a read would move last_access_at)."""
-    session = store.hot._peek(session_id)
+    session = store.hot.tier.peek(session_id)
     assert session is not None
     return session.snapshot()
 

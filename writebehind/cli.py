@@ -1,14 +1,18 @@
 """`writebehind`: the operator's command line.
 
-Works on the SQLite file directly, also while an app holds it open (WAL lets the
-two read and write side by side). Mistakes get one line on stderr and exit 1,
-never a traceback.
+Works on the SQLite file directly. The reading verbs (`stats`, `sessions`, `export`,
+`check`, `backup`, `purge --dry-run`) open it read-only, so they work beside a running
+app: WAL lets them read while it writes, and they take no lock, migrate nothing and
+write nothing.
 
-A note on erasure: the CLI removes a user's data from the file. An app that is
-running holds recent sessions in memory and would write them back at its next
-flush, so while the app runs, erase through the app (`store.delete_user`, the
-server's `DELETE /api/me`); use `writebehind erase` on a stopped app, or for data
-the app no longer holds.
+The changing verbs (`erase`, `purge`, `migrate`) need the file to themselves: a running
+app owns it (it holds recent sessions in memory and would write them back at its next
+flush), and holds its lock. So on a file an app holds they refuse, and say how to do the
+same through the app: erase with the server's `DELETE /api/me` or `store.delete_user`,
+purge by the app's own retention (`store.purge_expired()`), and the app migrates the
+file when it starts. While one of them runs, an app cannot start on the file either.
+
+Mistakes get one line on stderr and exit 1, never a traceback.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import orjson
 
 from .backends.sqlite import SCHEMA_VERSION, SQLiteBackend
 from .config import Config
-from .errors import ConfigError, WriteBehindError
+from .errors import ConfigError, DatabaseLockedError, WriteBehindError
 from .export import export_json
 from .model import SessionRecord, UserId, check_user_id, utcnow
 
@@ -37,9 +41,13 @@ T = TypeVar("T")
 _DURATION = re.compile(r"(\d+)\s*([dhm])")
 
 
-def _run(work: Callable[[SQLiteBackend], Awaitable[T]], db: Path) -> T:
+def _run(work: Callable[[SQLiteBackend], Awaitable[T]], db: Path, *, changing: str | None = None) -> T:
+    """Run `work` on the file: read-only, or, when `changing` is given, as the file's one
+    store (its lock held); `changing` then says how to do the same through a running app,
+    for the refusal when one holds the file."""
+
     async def go() -> T:
-        backend = SQLiteBackend(db)
+        backend = SQLiteBackend(db, readonly=changing is None)
         await backend.open()
         try:
             return await work(backend)
@@ -48,6 +56,10 @@ def _run(work: Callable[[SQLiteBackend], Awaitable[T]], db: Path) -> T:
 
     try:
         return asyncio.run(go())
+    except DatabaseLockedError as exc:
+        pid = "unknown" if exc.pid is None else exc.pid
+        holder = f"pid {pid} on host {exc.host or 'unknown'}"
+        raise click.ClickException(f"{db} is in use by a running app ({holder}): {changing}") from None
     except WriteBehindError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -170,9 +182,19 @@ def export(db: Path, user: str, text_id: bool, out: Path | None) -> None:
 def erase(db: Path, user: str, text_id: bool, yes: bool) -> None:
     """Delete every session of a user, leaving no byte behind (GDPR Art. 17)."""
     uid = _user(user, text_id)
-    if not yes:
-        click.confirm(f"Erase every session of user {uid!r} from {db}? This cannot be undone", abort=True)
-    ids = _run(lambda b: b.delete_user(uid), db)
+
+    async def work(backend: SQLiteBackend) -> list[str]:
+        # Asked only once the file is ours: a held file is refused before the question.
+        if not yes:
+            click.confirm(f"Erase every session of user {uid!r} from {db}? This cannot be undone", abort=True)
+        return await backend.delete_user(uid)
+
+    ids = _run(
+        work,
+        db,
+        changing="erase through the app instead: the server's DELETE /api/me (as that user), "
+        f"or store.delete_user({uid!r}); or stop the app and run this again",
+    )
     click.echo(f"erased {len(ids)} session(s) of user {uid!r}")
 
 
@@ -198,7 +220,12 @@ def purge(db: Path, older_than: str, dry_run: bool) -> None:
             if len(ids) < 500:
                 return total
 
-    total = _run(work, db)
+    total = _run(
+        work,
+        db,
+        changing="the app purges by its own retention (CHAT_SESSION_RETENTION_DAYS, "
+        "store.purge_expired()); or stop the app and run this again",
+    )
     click.echo(f"purged {total} session(s) idle since before {cutoff.isoformat()}")
 
 
@@ -234,7 +261,11 @@ def check(db: Path) -> None:
 @click.pass_obj
 def migrate(db: Path) -> None:
     """Create the database, or bring its schema to this version."""
-    version: Any = _run(lambda b: b.schema_version(), db)
+    version: Any = _run(
+        lambda b: b.schema_version(),
+        db,
+        changing="the app migrates the file itself when it starts; nothing to do here",
+    )
     click.echo(f"{db}: schema version {version}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -14,6 +15,7 @@ from .errors import ConfigError
 __all__ = ["ENV_VARS", "Config"]
 
 SYNCHRONOUS_MODES: Final = ("OFF", "NORMAL", "FULL", "EXTRA")
+_SCHEMA_RE: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,10 +43,20 @@ class Config:
     shutdown_timeout_seconds: float = 10.0
     max_message_bytes: int = 1_000_000
     retry_max_delay_ms: int = 30_000
+    # Where dirty sessions go when the backend refuses them at shutdown; None: beside the
+    # database file. Put it on another disk than the database's, the one most likely full.
+    recovery_path: Path | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.db_path, Path):
             object.__setattr__(self, "db_path", Path(self.db_path))
+        if self.recovery_path is not None and not isinstance(self.recovery_path, Path):
+            object.__setattr__(self, "recovery_path", Path(self.recovery_path))
+        if not isinstance(self.db_schema, str) or _SCHEMA_RE.fullmatch(self.db_schema) is None:
+            raise ConfigError(
+                f"db_schema must be a lower-case SQL identifier (a-z, 0-9, _; at most 63), "
+                f"got {self.db_schema!r}"
+            )
         positive = (
             "cleanup_interval_hours",
             "flush_interval_ms",
@@ -131,6 +143,7 @@ ENV_VARS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "shutdown_timeout_seconds": ("CHAT_SESSION_SHUTDOWN_TIMEOUT_SECONDS", float),
     "max_message_bytes": ("CHAT_SESSION_MAX_MESSAGE_BYTES", int),
     "retry_max_delay_ms": ("CHAT_SESSION_RETRY_MAX_DELAY_MS", int),
+    "recovery_path": ("CHAT_SESSION_RECOVERY_PATH", _path),
 }
 
 assert set(ENV_VARS) == {f.name for f in fields(Config)}

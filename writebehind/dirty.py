@@ -8,16 +8,26 @@ never evicted before it is on disk.
 `take` moves marks out to a batch and snapshots the rows; `done` forgets them
 once committed; `restore` puts them back after a failure, unless the session
 was deleted meanwhile (so a failed flush cannot resurrect a deleted session).
+
+It is also the one place that records what the database holds of an entry: its
+row `version` and its persisted `last_access_at` (reads move `last_access_at`
+in memory; `touch` queues it for the disk only once it has moved by
+`access_resolution`, without a version change).
+
+`room` is set (and at once cleared) whenever the backlog shrinks, so that writes
+waiting under back-pressure wake as soon as there may be room.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from itertools import islice
 from typing import Final
 
 from .backends.base import SessionDelta
-from .store import SessionStore, _Session
+from .store import Entry, HotTier
 
 __all__ = ["POISON_AFTER", "DirtyIndex", "Taken"]
 
@@ -40,32 +50,27 @@ class _Marks:
 class Taken:
     """One session's part of a batch in flight."""
 
-    session: _Session
+    session: Entry
     marks: _Marks
     delta: SessionDelta
 
 
 class DirtyIndex:
-    def __init__(self, hot: SessionStore) -> None:
-        self._hot = hot
+    def __init__(self, tier: HotTier, access_resolution: timedelta = timedelta(hours=1)) -> None:
+        self._hot = tier
         # Insertion order is age: the oldest dirty session is flushed first.
         self._dirty: dict[str, _Marks] = {}
         self._inflight: dict[str, int] = {}
         # Sessions whose own data the backend refused, and how often in a row.
         self._refusals: dict[str, int] = {}
+        # Reads to persist: session -> last_access_at. Not pinned, no back-pressure: a
+        # touch lost to an eviction or a crash only makes retention a little early.
+        self._touches: dict[str, datetime] = {}
+        self._access_resolution = access_resolution
+        self.room = asyncio.Event()
 
     def __len__(self) -> int:
         return len(self._dirty)
-
-    @property
-    def dirty_map(self) -> dict[str, _Marks]:
-        """The live dict of dirty sessions, for callers that need `len` or `in` on a hot
-        path without a method call. Read only."""
-        return self._dirty
-
-    @property
-    def inflight_map(self) -> dict[str, int]:
-        return self._inflight
 
     def backlog(self) -> int:
         """Sessions not yet known to be on disk: dirty or in flight (an upper bound: a
@@ -87,7 +92,7 @@ class DirtyIndex:
         marks = self._dirty.get(session_id)
         if marks is None:
             marks = self._dirty[session_id] = _Marks()
-            self._hot._pin(session_id)
+            self._hot.pin(session_id)
         return marks
 
     def mark_row(self, session_id: str) -> None:
@@ -117,16 +122,63 @@ class DirtyIndex:
 
     def discard(self, session_id: str) -> None:
         """Forget the session's marks (it was deleted)."""
-        self._dirty.pop(session_id, None)
+        marks = self._dirty.pop(session_id, None)
         self._refusals.pop(session_id, None)
+        self._touches.pop(session_id, None)
         if session_id not in self._inflight:
-            self._hot._unpin(session_id)
+            self._hot.unpin(session_id)
+        if marks is not None:
+            self._shrunk()
+
+    def touch(self, entry: Entry) -> None:
+        """A read moved `entry.last_access_at`: persist it if the disk's is older than the
+        resolution (retention counts days, so an hour is plenty), without a version change."""
+        on_disk = entry.disk_access_at
+        if on_disk is not None and entry.last_access_at - on_disk >= self._access_resolution:
+            self._touches[entry.id] = entry.last_access_at
+
+    def take_touches(self, limit: int) -> list[tuple[str, datetime]]:
+        """Up to `limit` pending touches of sessions not also in this flush's deltas."""
+        touches = self._touches
+        taken = []
+        for sid in list(islice(touches, limit)):
+            taken.append((sid, touches.pop(sid)))
+        return taken
+
+    def touches_done(self, touches: list[tuple[str, datetime]]) -> None:
+        for sid, at in touches:
+            entry = self._hot.peek(sid)
+            if entry is not None and entry.disk_access_at is not None:
+                entry.disk_access_at = max(entry.disk_access_at, at)
+
+    def restore_touches(self, touches: list[tuple[str, datetime]]) -> None:
+        for sid, at in touches:
+            if sid in self._hot:
+                self._touches.setdefault(sid, at)
+
+    def rewrite(self, entry: Entry) -> None:
+        """The database lost the row (a purge raced a load): write the whole session again,
+        as a new row."""
+        entry.version = 0
+        entry.disk_access_at = None
+        self.mark_full(entry.id)
+
+    def adopt(self, entry: Entry, version: int) -> None:
+        """`entry` replaces the session's entry (a merge after a conflict): pin it if it
+        has marks, and record the database's version it was merged onto."""
+        entry.version = version
+        if entry.id in self._dirty or entry.id in self._inflight:
+            self._hot.pin(entry.id)
+
+    def _shrunk(self) -> None:
+        self.room.set()
+        self.room.clear()
 
     def dirty_messages(self) -> int:
         total = 0
         for sid, marks in self._dirty.items():
             if marks.full:
-                session = self._hot._peek(sid)
+                session = self._hot.peek(sid)
                 total += 0 if session is None else len(session.messages)
             else:
                 total += len(marks.seqs)
@@ -148,11 +200,12 @@ class DirtyIndex:
             if sid in poisoned:
                 continue
             marks = self._dirty.pop(sid)
-            session = self._hot._peek(sid)
+            session = self._hot.peek(sid)
             if session is None:
                 # Deleted without going through `discard` cannot happen; be safe anyway.
-                self._hot._unpin(sid)
+                self._hot.unpin(sid)
                 continue
+            self._touches.pop(sid, None)  # the delta carries last_access_at
             if marks.full:
                 rows = tuple(session.messages)
             else:
@@ -176,6 +229,10 @@ class DirtyIndex:
         self._to_front(wanted)
         return self.take(count, 1 << 62)
 
+    def to_front(self, session_ids: list[str]) -> None:
+        """Flush these first (sessions merged after a conflict, to write again at once)."""
+        self._to_front({sid: self._dirty.pop(sid) for sid in session_ids if sid in self._dirty})
+
     def done(self, batch: list[Taken], versions: dict[str, int]) -> None:
         """The batch committed: record each written session's new version."""
         for taken in batch:
@@ -183,6 +240,7 @@ class DirtyIndex:
             version = versions.get(sid)
             if version is not None:
                 taken.session.version = version
+                taken.session.disk_access_at = taken.delta.record.last_access_at
             self._settle(sid)
             self._refusals.pop(sid, None)
 
@@ -200,13 +258,13 @@ class DirtyIndex:
         back: dict[str, _Marks] = {}
         for taken in batch:
             sid = taken.delta.record.id
-            if self._hot._peek(sid) is not taken.session:
+            if self._hot.peek(sid) is not taken.session:
                 self._settle(sid)
                 continue  # deleted (or deleted and re-created) meanwhile: nothing to put back
             marks = self._dirty.get(sid)
             if marks is None:
                 back[sid] = taken.marks
-                self._hot._pin(sid)
+                self._hot.pin(sid)
             else:
                 marks.merge(taken.marks)
             self._settle(sid)
@@ -225,8 +283,19 @@ class DirtyIndex:
         count = self._inflight.pop(sid, 0) - 1
         if count > 0:
             self._inflight[sid] = count
-        elif sid not in self._dirty:
-            self._hot._unpin(sid)
+        else:
+            if sid not in self._dirty:
+                self._hot.unpin(sid)
+            self._shrunk()
 
     def session_ids(self) -> list[str]:
         return list(self._dirty)
+
+    def unsaved(self) -> list[Entry]:
+        """Every session not known to be on disk: dirty or in flight (at shutdown)."""
+        entries = []
+        for sid in self._dirty.keys() | self._inflight.keys():
+            entry = self._hot.peek(sid)
+            if entry is not None:
+                entries.append(entry)
+        return entries

@@ -6,12 +6,18 @@ content of a message or a secret.
 
 from __future__ import annotations
 
+import os
+import socket
+from pathlib import Path
+
 __all__ = [
     "BackPressureError",
     "ClosedError",
     "ConfigError",
     "ConflictError",
+    "DatabaseLockedError",
     "NotFound",
+    "OwnershipError",
     "SchemaError",
     "StorageError",
     "ValidationError",
@@ -76,14 +82,55 @@ class SchemaError(StorageError):
     """The database file is not one this version can use; it was left untouched."""
 
 
+class DatabaseLockedError(StorageError):
+    """Another writebehind store holds this SQLite file: raised by `start()` (the backend's
+    `open()`), which changed nothing.
+
+    SQLite allows one store per database file, because a store acknowledges writes from
+    memory and only the file's one owner may do that. `pid` and `host` name the holder as
+    it wrote itself into the lock file (None if that could not be read). The lock is the
+    operating system's: it ends with the holder, SIGKILL included, so retrying after the
+    holder stopped works at once; there is never a stale lock to remove.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], pid: int | None, host: str | None) -> None:
+        holder = f"pid {'unknown' if pid is None else pid} on host {host or 'unknown'}"
+        if pid == os.getpid() and host == socket.gethostname():
+            holder += ": this very process"
+        super().__init__(
+            f"{path} is held by another writebehind store ({holder}). SQLite allows one store "
+            "per database file: run one server worker (--workers 1), or use PostgreSQL "
+            "(CHAT_SESSION_DB_URL) for several."
+        )
+        self.path = Path(path)
+        self.pid = pid
+        self.host = host
+
+
+class OwnershipError(StorageError):
+    """Another app instance owns the session (PostgreSQL, several instances) and did not
+    hand it over in time: it did not answer within the handoff timeout although its lock
+    says it is alive, or a reply streaming into the session there outlasted the hold
+    timeout. Nothing was changed here; the caller may retry. `owner` names the holder
+    ("instance 7, pid 123 on host h") when it is known.
+    """
+
+    def __init__(self, session_id: str, problem: str, owner: str | None = None) -> None:
+        held = f" (owned by {owner})" if owner else ""
+        super().__init__(f"session {session_id!r}{held}: {problem}")
+        self.session_id = session_id
+        self.owner = owner
+
+
 class ConflictError(StorageError):
-    """Another writer (an app instance sharing the database, an erasure) changed or deleted
-    the session since this one last read it. This instance's version was not written: it
-    is kept (`WriteBehindStore.take_conflicts()`), and the next access loads the winner's."""
+    """Sessions that another writer (an app instance sharing the database) kept changing
+    while this one tried to write them: after merging this instance's messages onto the
+    other's version a few times in one flush, they are still not written. Nothing is
+    dropped: they stay in memory, merged, and the next flush tries again."""
 
     def __init__(self, session_ids: list[str]) -> None:
         first = session_ids[0]
         more = f" (and {len(session_ids) - 1} more)" if len(session_ids) > 1 else ""
-        super().__init__(f"session {first!r}{more} was changed by another writer; not written")
+        super().__init__(f"session {first!r}{more} kept being changed by another writer; not written yet")
         self.session_id = first
         self.session_ids = session_ids

@@ -1,8 +1,11 @@
 """Records, validation and encoding.
 
 Records handed to callers are frozen snapshots: `SessionRecord.messages` is a
-tuple, so a caller can keep one without racing the store. Metadata dicts are
-copies the caller may read but must not mutate.
+tuple, so a caller can keep one without racing the store. Accepted metadata is
+kept as the JSON text it was encoded to at the call (`StoredMessage.metadata_json`),
+so nothing a caller does afterwards can change what the worker writes, and the
+flush never encodes it again; `StoredMessage.metadata` decodes a fresh dict on each
+access.
 
 Validation happens here, at the call, before anything changes: a value that
 passes can be stored by every backend and comes back equal.
@@ -10,6 +13,7 @@ passes can be stored by every backend and comes back equal.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -30,6 +34,8 @@ __all__ = [
     "check_content",
     "check_id",
     "check_metadata",
+    "check_window",
+    "content_size",
     "check_optional_text",
     "check_role",
     "check_status",
@@ -37,6 +43,9 @@ __all__ = [
     "decode_record",
     "encode_record",
     "from_micros",
+    "new_id",
+    "newest_first",
+    "require_user",
     "to_micros",
     "utcnow",
 ]
@@ -73,7 +82,12 @@ def from_micros(value: int) -> datetime:
 @dataclass(frozen=True, slots=True)
 class StoredMessage:
     """One message of a session. `seq` is 1, 2, 3… within its session and doubles
-    as the SSE event id; `id` is unique within the session."""
+    as the SSE event id; `id` is unique within the session.
+
+    `metadata_json` is the metadata as accepted, encoded once (JSON text, or None);
+    `metadata` decodes it into a new dict on every access, so mutating what it returns
+    changes nothing stored.
+    """
 
     id: str
     seq: int
@@ -81,7 +95,15 @@ class StoredMessage:
     content: str
     created_at: datetime
     updated_at: datetime
-    metadata: Metadata | None = None
+    metadata_json: str | None = None
+
+    @property
+    def metadata(self) -> Metadata | None:
+        raw = self.metadata_json
+        if raw is None:
+            return None
+        decoded: Metadata = orjson.loads(raw)
+        return decoded
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,12 +187,18 @@ def _check_encodable(field_name: str, value: str) -> int:
 
 
 def check_content(value: object, max_bytes: int, field_name: str = "content") -> str:
+    content_size(value, max_bytes, field_name)
+    return value  # type: ignore[return-value]  # content_size checked it is a str
+
+
+def content_size(value: object, max_bytes: int, field_name: str = "content") -> int:
+    """Check `value` as message text and return its size in UTF-8 bytes."""
     if not isinstance(value, str):
         raise ValidationError(field_name, f"must be a str, not {type(value).__name__}")
     size = _check_encodable(field_name, value)
     if size > max_bytes:
         raise ValidationError(field_name, f"is {size} bytes, more than the limit of {max_bytes}")
-    return value
+    return size
 
 
 def check_optional_text(field_name: str, value: object, max_bytes: int) -> str | None:
@@ -191,11 +219,10 @@ def check_status(value: object) -> str:
     return value
 
 
-def check_metadata(value: object, field_name: str = "metadata") -> Metadata | None:
-    """Return a private deep copy of `value` that survives a JSON round trip unchanged.
-
-    Anything that would come back different (tuples, NaN, datetimes, non-str keys)
-    is refused rather than silently altered on its way to disk.
+def check_metadata(value: object, field_name: str = "metadata") -> str | None:
+    """Encode `value` once, as the JSON text that is stored; refuse what would not come
+    back from that text unchanged (tuples, NaN, datetimes, non-str keys), rather than
+    silently alter it on its way to disk.
     """
     if value is None:
         return None
@@ -210,7 +237,7 @@ def check_metadata(value: object, field_name: str = "metadata") -> Metadata | No
     copy: Metadata = orjson.loads(encoded)
     if not _json_equal(copy, value):
         raise ValidationError(field_name, "does not survive a JSON round trip unchanged")
-    return copy
+    return encoded.decode()
 
 
 def _json_equal(decoded: object, original: object) -> bool:
@@ -265,7 +292,7 @@ def encode_record(record: SessionRecord) -> dict[str, Any]:
                 "content": m.content,
                 "created_at": _ts(m.created_at),
                 "updated_at": _ts(m.updated_at),
-                "metadata": m.metadata,
+                "metadata": None if m.metadata_json is None else orjson.Fragment(m.metadata_json),
             }
             for m in record.messages
         ],
@@ -291,8 +318,39 @@ def decode_record(data: dict[str, Any]) -> SessionRecord:
                 content=m["content"],
                 created_at=_parse_ts(m["created_at"]),
                 updated_at=_parse_ts(m["updated_at"]),
-                metadata=m["metadata"],
+                metadata_json=None if m["metadata"] is None else check_metadata(m["metadata"]),
             )
             for m in data["messages"]
         ),
     )
+
+
+# -- small shared checks of the stores ---------------------------------------------------------
+
+
+def require_user(user_id: object) -> UserId:
+    """A signed-in user's id (not None), validated."""
+    uid = check_user_id(user_id)
+    if uid is None:
+        raise ValidationError("user_id", "must identify a signed-in user, not None")
+    return uid
+
+
+def check_window(start: object, count: object, start_name: str = "after_seq") -> tuple[int, int | None]:
+    """A (start, count) window: ints >= 0 that fit the databases' 64-bit integers."""
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= _INT64_MAX:
+        raise ValidationError(start_name, f"must be an int from 0 to {_INT64_MAX}")
+    if count is not None and (
+        isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= _INT64_MAX
+    ):
+        raise ValidationError("limit", f"must be an int from 0 to {_INT64_MAX}, or None")
+    return start, count
+
+
+def newest_first(summary: SessionSummary) -> tuple[int, str]:
+    """Sort key of listings: most recently updated first, then by id."""
+    return (-to_micros(summary.updated_at), summary.id)
+
+
+def new_id() -> str:
+    return os.urandom(16).hex()

@@ -11,11 +11,10 @@ someone else raises exactly the `NotFound` a missing one raises.
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 from typing import Any, Final
@@ -29,22 +28,27 @@ from .model import (
     SessionSummary,
     StoredMessage,
     UserId,
-    check_content,
     check_id,
     check_metadata,
     check_optional_text,
     check_role,
     check_status,
     check_user_id,
-    to_micros,
+    check_window,
+    content_size,
+    new_id,
+    newest_first,
+    require_user,
     utcnow,
 )
 from .stats import StoreStats
 
-__all__ = ["UNSET", "SessionStore"]
+__all__ = ["UNSET", "Applied", "Entry", "HotTier", "SessionStore"]
 
 
 class _Unset:
+    """The type of `UNSET`: an optional update argument that was not given."""
+
     __slots__ = ()
 
     def __repr__(self) -> str:
@@ -58,19 +62,23 @@ _MAX_TITLE_BYTES: Final = 1024
 _MAX_CLIENT_FIELD_BYTES: Final = 1024
 
 
-class _Session:
-    """The mutable entry the hot tier owns. Callers only ever see snapshots of it."""
+class Entry:
+    """The mutable entry the hot tier owns for one session. Callers only ever see
+    snapshots of it; `WriteBehindStore` and its dirty index read it, and only the dirty
+    index changes `version` and `disk_access_at` (what the database holds)."""
 
     __slots__ = (
         "binding_token",
         "client_ip",
         "created_at",
         "csrf_token",
+        "disk_access_at",
         "id",
         "index",
         "last_access_at",
         "last_touch",
         "messages",
+        "sizes",
         "status",
         "title",
         "updated_at",
@@ -92,8 +100,14 @@ class _Session:
         self.binding_token = record.user_binding_token
         self.csrf_token = record.csrf_token
         self.version = record.version
+        # The last_access_at the database holds (None: not stored yet). Reads move
+        # last_access_at in memory; it is persisted only once it has moved far enough.
+        self.disk_access_at: datetime | None = record.last_access_at if record.version else None
         self.messages: list[StoredMessage] = list(record.messages)
         self.index: dict[str, int] = {m.id: i for i, m in enumerate(self.messages)}
+        # UTF-8 size of a message's content, kept as tokens are appended so that the size
+        # limit costs O(token), not a re-encoding of the whole reply on every token.
+        self.sizes: dict[str, int] = {}
         self.last_touch = last_touch
 
     def snapshot(self, with_messages: bool = True) -> SessionRecord:
@@ -125,24 +139,215 @@ class _Session:
             message_count=len(self.messages),
         )
 
+    def owned_by(self, user_id: UserId | None, binding_token: str | None) -> bool:
+        """Does this caller own the session? (A signed-in owner by id; an anonymous one by
+        its binding token, if the session was created with one.)"""
+        if self.user_id is not None:
+            return self.user_id == user_id
+        if user_id is not None:
+            return False
+        if self.binding_token is None:
+            return True
+        return binding_token is not None and secrets.compare_digest(
+            self.binding_token.encode(), binding_token.encode()
+        )
 
-class _HotCache(LRUCache[str, _Session]):
-    """An LRU whose eviction hook is the one place that knows about pinned (dirty) entries:
-    a pinned entry the LRU pushes out is parked, not dropped, until it is unpinned."""
 
-    def __init__(self, maxsize: int, on_evict: Callable[[str, _Session], None]) -> None:
+Applied = tuple["Entry", int | None, bool, Any]
+"""What a write did: (the entry, the seq of the message it changed or None, whether the
+whole session must be written, the caller's result)."""
+
+
+class _LRU(LRUCache[str, Entry]):
+    """cachetools' LRU with its one eviction hook overridden: a pinned entry the LRU pushes
+    out is parked, not dropped, until it is unpinned."""
+
+    def __init__(self, maxsize: int, tier: HotTier) -> None:
         super().__init__(maxsize)
-        self.pins: set[str] = set()
-        self.parked: dict[str, _Session] = {}
-        self._on_evict = on_evict
+        self.__tier = tier
 
-    def popitem(self) -> tuple[str, _Session]:
+    def popitem(self) -> tuple[str, Entry]:
         key, value = super().popitem()
-        if key in self.pins:
-            self.parked[key] = value
-        else:
-            self._on_evict(key, value)
+        self.__tier._evicted(key, value)
         return key, value
+
+
+class HotTier:
+    """Every session in memory, and the one owner of that state.
+
+    The LRU bounds it; pinned entries (dirty, or in flight to disk) are never dropped:
+    the LRU parks them and they go when unpinned. There is one removal path (`remove`,
+    plus the LRU's eviction and the anonymous TTL, both of which honour pins).
+    `WriteBehindStore` and its dirty index use this API; apps use `SessionStore`.
+    """
+
+    def __init__(self, maxsize: int, anon_ttl_seconds: float, monotonic: Callable[[], float]) -> None:
+        self.__lru = _LRU(maxsize, self)
+        # Every entry, in the LRU or parked: lookups that must not reorder the LRU go here.
+        self.__entries: dict[str, Entry] = {}
+        self.__parked: dict[str, Entry] = {}
+        self.__pins: set[str] = set()
+        self.__by_user: dict[UserId, set[str]] = {}
+        self.__anon_order: OrderedDict[str, None] = OrderedDict()
+        self.__anon_ttl = anon_ttl_seconds
+        self.__monotonic = monotonic
+        self.evictions = 0
+        self.expired = 0
+
+    @property
+    def maxsize(self) -> int:
+        return int(self.__lru.maxsize)
+
+    def __len__(self) -> int:
+        return len(self.__entries)
+
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self.__entries
+
+    @property
+    def parked(self) -> int:
+        return len(self.__parked)
+
+    def peek(self, session_id: str) -> Entry | None:
+        """The entry, without touching the LRU or expiring it."""
+        return self.__entries.get(session_id)
+
+    def get(self, session_id: str) -> Entry | None:
+        """The entry if it is in memory: LRU-touched (unparked), or expired and removed if it
+        is an anonymous one idle past the TTL."""
+        entry = self.__entries.get(session_id)
+        if entry is None:
+            return None
+        parked = self.__parked.pop(session_id, None)
+        if parked is not None:
+            self.__lru[session_id] = entry
+        else:
+            self.__lru[session_id]  # the LRU's "recently used"
+        if (
+            entry.user_id is None
+            and self.__monotonic() - entry.last_touch > self.__anon_ttl
+            and session_id not in self.__pins
+        ):
+            self.expired += 1
+            self.remove(session_id)
+            return None
+        return entry
+
+    def insert(self, record: SessionRecord) -> Entry:
+        """Put a record (new, or loaded from disk) into memory, replacing any entry of its id."""
+        if record.id in self.__entries:
+            self.remove(record.id)
+        entry = Entry(record, self.__monotonic())
+        self.__entries[entry.id] = entry
+        self.__lru[entry.id] = entry
+        if entry.user_id is None:
+            self.__anon_order[entry.id] = None
+        else:
+            self.__by_user.setdefault(entry.user_id, set()).add(entry.id)
+        return entry
+
+    def remove(self, session_id: str) -> Entry | None:
+        """Remove the session from memory, pinned or not (a delete): the one removal path."""
+        entry = self.__entries.pop(session_id, None)
+        if entry is None:
+            return None
+        self.__pins.discard(session_id)
+        if self.__parked.pop(session_id, None) is None:
+            del self.__lru[session_id]
+        self.__unindex(entry)
+        return entry
+
+    def remove_user(self, user_id: UserId) -> list[Entry]:
+        removed = []
+        for sid in list(self.__by_user.get(user_id, ())):
+            entry = self.remove(sid)
+            if entry is not None:
+                removed.append(entry)
+        return removed
+
+    def sessions_of(self, user_id: UserId) -> list[Entry]:
+        entries = self.__entries
+        return [entries[sid] for sid in self.__by_user.get(user_id, ())]
+
+    def idle_signed_in(self, cutoff: datetime) -> list[Entry]:
+        """Signed-in sessions last accessed before `cutoff`. A scan: for retention only,
+        once a cleanup interval, never on a request."""
+        return [e for e in self.__entries.values() if e.user_id is not None and e.last_access_at < cutoff]
+
+    def session_ids_of(self, user_id: UserId) -> set[str]:
+        return set(self.__by_user.get(user_id, ()))
+
+    def claimed(self, entry: Entry, user_id: UserId) -> None:
+        """An anonymous entry now belongs to `user_id`: re-index it."""
+        self.__anon_order.pop(entry.id, None)
+        entry.user_id = user_id
+        entry.binding_token = None
+        self.__by_user.setdefault(user_id, set()).add(entry.id)
+
+    def touched(self, entry: Entry) -> None:
+        if entry.user_id is None:
+            entry.last_touch = self.__monotonic()
+            self.__anon_order[entry.id] = None
+            self.__anon_order.move_to_end(entry.id)
+
+    def pin(self, session_id: str) -> None:
+        self.__pins.add(session_id)
+
+    def unpin(self, session_id: str) -> None:
+        self.__pins.discard(session_id)
+        parked = self.__parked.pop(session_id, None)
+        if parked is not None:
+            self.__drop(session_id, parked)
+
+    def is_pinned(self, session_id: str) -> bool:
+        return session_id in self.__pins
+
+    def expire_idle(self, limit: int = 8) -> int:
+        """Drop up to `limit` anonymous sessions idle past the TTL, oldest first, skipping
+        pinned ones (a policy may persist anonymous sessions). Amortised O(1), never a scan."""
+        deadline = self.__monotonic() - self.__anon_ttl
+        expired = 0
+        order = self.__anon_order
+        skipped: list[str] = []
+        while order and expired + len(skipped) < limit:
+            sid = next(iter(order))
+            entry = self.__entries.get(sid)
+            if entry is not None and entry.last_touch > deadline:
+                break
+            order.pop(sid)
+            if entry is None:
+                continue
+            if sid in self.__pins:
+                skipped.append(sid)  # its turn comes again once it is on disk
+                continue
+            expired += 1
+            self.expired += 1
+            self.remove(sid)
+        for sid in skipped:
+            order[sid] = None
+        return expired
+
+    def _evicted(self, session_id: str, entry: Entry) -> None:
+        """The LRU pushed `entry` out: park it if pinned, else drop it."""
+        if session_id in self.__pins:
+            self.__parked[session_id] = entry
+        else:
+            self.__drop(session_id, entry)
+
+    def __drop(self, session_id: str, entry: Entry) -> None:
+        del self.__entries[session_id]
+        self.evictions += 1
+        self.__unindex(entry)
+
+    def __unindex(self, entry: Entry) -> None:
+        if entry.user_id is None:
+            self.__anon_order.pop(entry.id, None)
+            return
+        ids = self.__by_user.get(entry.user_id)
+        if ids is not None:
+            ids.discard(entry.id)
+            if not ids:
+                del self.__by_user[entry.user_id]
 
 
 class SessionStore:
@@ -166,24 +371,20 @@ class SessionStore:
     ) -> None:
         if maxsize <= 0:
             raise ValidationError("maxsize", "must be > 0")
-        self._cache = _HotCache(maxsize, self._forget)
-        # Every session in memory, in the LRU or parked: the one place a lookup that must
-        # not reorder the LRU (the worker's, a listing's, a fast-path check) goes.
-        self._sessions: dict[str, _Session] = {}
-        self._by_user: dict[UserId, set[str]] = {}
-        self._anon_order: OrderedDict[str, None] = OrderedDict()
-        self._anon_ttl = anon_ttl_seconds
+        self._tier = HotTier(maxsize, anon_ttl_seconds, monotonic)
         self.max_message_bytes = max_message_bytes
         self._clock = clock
-        self._monotonic = monotonic
         self._hits = 0
         self._misses = 0
-        self._evictions = 0
-        self._expired = 0
 
     @property
     def maxsize(self) -> int:
-        return int(self._cache.maxsize)
+        return self._tier.maxsize
+
+    @property
+    def tier(self) -> HotTier:
+        """The sessions in memory (for `WriteBehindStore`, diagnostics and tests)."""
+        return self._tier
 
     # -- the public API ---------------------------------------------------------------------
 
@@ -205,15 +406,15 @@ class SessionStore:
         With `session_id=None` a new random id is chosen. An existing session is
         returned unchanged (the other arguments only apply on creation).
         """
-        session, _created = self._ensure(
+        session = self.do_ensure(
             session_id, user_id, title, status, client_ip, user_agent, binding_token, csrf_token
-        )
+        )[0]
         return session.snapshot()
 
     async def get_session(
         self, session_id: str, *, user_id: UserId | None, binding_token: str | None = None
     ) -> SessionRecord:
-        return self._owned(session_id, user_id, binding_token).snapshot()
+        return self.owned(session_id, user_id, binding_token).snapshot()
 
     async def get_messages(
         self,
@@ -225,8 +426,8 @@ class SessionStore:
         binding_token: str | None = None,
     ) -> tuple[StoredMessage, ...]:
         """Messages with `seq > after_seq`, in order (what an SSE client missed)."""
-        start, stop = _check_window(after_seq, limit)
-        session = self._owned(session_id, user_id, binding_token)
+        start, stop = check_window(after_seq, limit)
+        session = self.owned(session_id, user_id, binding_token)
         return tuple(session.messages[start : None if stop is None else start + stop])
 
     async def append_message(
@@ -242,9 +443,9 @@ class SessionStore:
         durable: bool = False,
     ) -> StoredMessage:
         """Append a message; its `seq` is one more than the last one's."""
-        _session, message = self._append(
+        message: StoredMessage = self.do_append(
             session_id, user_id, role, content, message_id, metadata, binding_token
-        )
+        )[3]
         return message
 
     async def update_message(
@@ -261,9 +462,9 @@ class SessionStore:
     ) -> StoredMessage:
         """Replace a message's `content`, or `append` a streamed token to it, and/or
         replace its `metadata`."""
-        _session, message = self._update_message(
+        message: StoredMessage = self.do_update_message(
             session_id, message_id, user_id, content, append, metadata, binding_token
-        )
+        )[3]
         return message
 
     async def update_session(
@@ -276,30 +477,30 @@ class SessionStore:
         binding_token: str | None = None,
         durable: bool = False,
     ) -> SessionRecord:
-        return self._update_session(session_id, user_id, status, title, binding_token).snapshot()
+        return self.do_update_session(session_id, user_id, status, title, binding_token)[0].snapshot()
 
     async def list_sessions(
         self, user_id: UserId, *, limit: int | None = None, offset: int = 0
     ) -> list[SessionSummary]:
         """The user's sessions, most recently updated first. Anonymous callers own no list."""
-        start, count = _check_window(offset, limit, "offset")
+        start, count = check_window(offset, limit, "offset")
         uid = check_user_id(user_id)
         if uid is None:
             return []
-        summaries = [s.summary() for s in self._sessions_of(uid)]
-        summaries.sort(key=_newest_first)
+        summaries = [s.summary() for s in self._tier.sessions_of(uid)]
+        summaries.sort(key=newest_first)
         return summaries[start : None if count is None else start + count]
 
     async def delete_session(
         self, session_id: str, *, user_id: UserId | None, binding_token: str | None = None
     ) -> None:
-        session = self._owned(session_id, user_id, binding_token, touch=False)
-        self._remove(session.id)
+        session = self.owned(session_id, user_id, binding_token, touch=False)
+        self._tier.remove(session.id)
 
     async def delete_user(self, user_id: UserId) -> int:
         """Remove every session of the user; returns how many there were in memory."""
-        uid = _require_user(user_id)
-        return len(self._remove_user(uid))
+        uid = require_user(user_id)
+        return len(self._tier.remove_user(uid))
 
     async def claim(
         self,
@@ -313,23 +514,24 @@ class SessionStore:
 
         Claiming a session the user already owns is a no-op.
         """
-        return self._claim(session_id, user_id, binding_token).snapshot()
+        return self.do_claim(session_id, user_id, binding_token)[0].snapshot()
 
     def stats(self) -> StoreStats:
+        tier = self._tier
         return StoreStats(
-            hot_sessions=len(self._sessions),
+            hot_sessions=len(tier),
             hot_hits=self._hits,
             misses=self._misses,
-            evictions=self._evictions,
-            expired=self._expired,
-            parked=len(self._cache.parked),
+            evictions=tier.evictions,
+            expired=tier.expired,
+            parked=tier.parked,
         )
 
     # -- the operations, synchronous, for the write-behind wrapper -------------------------
     # Each validates everything first and only then changes state, so a bad argument
-    # changes nothing.
+    # changes nothing. Each returns an `Applied`: what `WriteBehindStore` marks dirty.
 
-    def _ensure(
+    def do_ensure(
         self,
         session_id: str | None,
         user_id: UserId | None,
@@ -339,8 +541,9 @@ class SessionStore:
         user_agent: str | None,
         binding_token: str | None,
         csrf_token: str | None,
-    ) -> tuple[_Session, bool]:
-        sid = _new_id() if session_id is None else check_id("session_id", session_id)
+    ) -> Applied:
+        """The whole session is to be written if it was created."""
+        sid = new_id() if session_id is None else check_id("session_id", session_id)
         uid = check_user_id(user_id)
         title = check_optional_text("title", title, _MAX_TITLE_BYTES)
         status = check_status(status)
@@ -348,13 +551,13 @@ class SessionStore:
         user_agent = check_optional_text("user_agent", user_agent, _MAX_CLIENT_FIELD_BYTES)
         binding_token = check_optional_text("binding_token", binding_token, _MAX_CLIENT_FIELD_BYTES)
         csrf_token = check_optional_text("csrf_token", csrf_token, _MAX_CLIENT_FIELD_BYTES)
-        existing = self._find(sid)
+        existing = self._tier.get(sid)
         if existing is not None:
-            if not _owns(existing, uid, binding_token):
+            if not existing.owned_by(uid, binding_token):
                 self._misses += 1
                 raise NotFound(sid)
             self._touch(existing)
-            return existing, False
+            return existing, None, False, existing
         now = self._clock()
         record = SessionRecord(
             id=sid,
@@ -369,10 +572,11 @@ class SessionStore:
             user_binding_token=binding_token,
             csrf_token=csrf_token,
         )
-        self._expire_idle()
-        return self._insert(record), True
+        self._tier.expire_idle()
+        entry = self._tier.insert(record)
+        return entry, None, True, entry
 
-    def _append(
+    def do_append(
         self,
         session_id: str,
         user_id: UserId | None,
@@ -381,25 +585,26 @@ class SessionStore:
         message_id: str | None,
         metadata: Metadata | None,
         binding_token: str | None,
-    ) -> tuple[_Session, StoredMessage]:
+    ) -> Applied:
         role = check_role(role)
-        content = check_content(content, self.max_message_bytes)
+        size = content_size(content, self.max_message_bytes)
         mid = None if message_id is None else check_id("message_id", message_id)
-        metadata = check_metadata(metadata)
-        session = self._owned(session_id, user_id, binding_token, touch=False)
+        metadata_json = check_metadata(metadata)
+        session = self.owned(session_id, user_id, binding_token, touch=False)
         if mid is None:
-            mid = _new_id()
+            mid = new_id()
         elif mid in session.index:
             raise ValidationError("message_id", f"{mid!r} already exists in session {session.id!r}")
         now = self._clock()
         self._touch(session, now)
-        message = StoredMessage(mid, len(session.messages) + 1, role, content, now, now, metadata)
+        message = StoredMessage(mid, len(session.messages) + 1, role, content, now, now, metadata_json)
+        session.sizes[mid] = size
         session.index[mid] = len(session.messages)
         session.messages.append(message)
         session.updated_at = now
-        return session, message
+        return session, message.seq, False, message
 
-    def _update_message(
+    def do_update_message(
         self,
         session_id: str,
         message_id: str,
@@ -408,17 +613,19 @@ class SessionStore:
         append: str | None,
         metadata: Metadata | None,
         binding_token: str | None,
-    ) -> tuple[_Session, StoredMessage]:
+    ) -> Applied:
         mid = check_id("message_id", message_id)
         if content is not None and append is not None:
             raise ValidationError("append", "give content or append, not both")
+        size = 0
         if content is not None:
-            check_content(content, self.max_message_bytes)
-        if append is not None:
-            check_content(append, self.max_message_bytes, "append")
+            size = content_size(content, self.max_message_bytes)
+        elif append is not None:
+            size = content_size(append, self.max_message_bytes, "append")
+        metadata_json: str | _Unset | None = UNSET
         if metadata is not UNSET:
-            metadata = check_metadata(metadata)
-        session = self._owned(session_id, user_id, binding_token, touch=False)
+            metadata_json = check_metadata(metadata)
+        session = self.owned(session_id, user_id, binding_token, touch=False)
         position = session.index.get(mid)
         if position is None:
             raise NotFound(session.id, mid)
@@ -426,89 +633,74 @@ class SessionStore:
         new_content = old.content
         if content is not None:
             new_content = content
+            session.sizes[mid] = size
         elif append is not None:
+            known = session.sizes.get(mid)
+            total = (len(old.content.encode()) if known is None else known) + size
+            if total > self.max_message_bytes:
+                raise ValidationError(
+                    "content", f"would be {total} bytes, more than the limit of {self.max_message_bytes}"
+                )
             new_content = old.content + append
-            check_content(new_content, self.max_message_bytes)
+            session.sizes[mid] = total
         now = self._clock()
         self._touch(session, now)
         message = replace(
             old,
             content=new_content,
-            metadata=old.metadata if metadata is UNSET else metadata,
+            metadata_json=old.metadata_json if isinstance(metadata_json, _Unset) else metadata_json,
             updated_at=now,
         )
         session.messages[position] = message
         session.updated_at = now
-        return session, message
+        return session, message.seq, False, message
 
-    def _update_session(
+    def do_update_session(
         self,
         session_id: str,
         user_id: UserId | None,
         status: str,
         title: str | None,
         binding_token: str | None,
-    ) -> _Session:
+    ) -> Applied:
         if status is not UNSET:
             status = check_status(status)
         if title is not UNSET:
             title = check_optional_text("title", title, _MAX_TITLE_BYTES)
-        session = self._owned(session_id, user_id, binding_token)
+        session = self.owned(session_id, user_id, binding_token)
         if status is not UNSET:
             session.status = status
         if title is not UNSET:
             session.title = title
         session.updated_at = self._clock()
-        return session
+        return session, None, False, session
 
-    def _claim(self, session_id: str, user_id: UserId, binding_token: str | None) -> _Session:
-        uid = _require_user(user_id)
+    def do_claim(self, session_id: str, user_id: UserId, binding_token: str | None) -> Applied:
+        """The whole session is to be written: it persists from now on."""
+        uid = require_user(user_id)
         sid = check_id("session_id", session_id)
-        session = self._find(sid)
-        if session is None or not (session.user_id == uid or _owns(session, None, binding_token)):
+        session = self._tier.get(sid)
+        if session is None or not (session.user_id == uid or session.owned_by(None, binding_token)):
             self._misses += 1
             raise NotFound(sid)
-        if session.user_id == uid:
-            self._touch(session)
-            return session
-        self._anon_order.pop(sid, None)
-        session.user_id = uid
-        session.binding_token = None
-        self._by_user.setdefault(uid, set()).add(sid)
-        session.updated_at = self._clock()
+        if session.user_id != uid:
+            self._tier.claimed(session, uid)
+            session.updated_at = self._clock()
         self._touch(session)
-        return session
+        return session, None, True, session
 
-    # -- the hot tier's bookkeeping ------------------------------------------------------------
-
-    def _find(self, session_id: str) -> _Session | None:
-        """The entry if it is in memory (LRU-touched, unparked), else None. Never counts."""
-        session = self._sessions.get(session_id)
-        if session is None:
-            return None
-        cache = self._cache
-        if session_id in cache.parked:
-            del cache.parked[session_id]
-            cache[session_id] = session
-        else:
-            cache[session_id]  # the LRU's "recently used"
-        if session.user_id is None and self._monotonic() - session.last_touch > self._anon_ttl:
-            self._expired += 1
-            self._remove(session_id)
-            return None
-        return session
-
-    def _owned(
+    def owned(
         self,
         session_id: str,
         user_id: UserId | None,
         binding_token: str | None,
         touch: bool = True,
-    ) -> _Session:
+    ) -> Entry:
+        """The caller's entry, or the `NotFound` a missing session raises too."""
         sid = check_id("session_id", session_id)
         uid = check_user_id(user_id)
-        session = self._find(sid)
-        if session is None or not _owns(session, uid, binding_token):
+        session = self._tier.get(sid)
+        if session is None or not session.owned_by(uid, binding_token):
             self._misses += 1
             raise NotFound(sid)
         self._hits += 1
@@ -516,127 +708,6 @@ class SessionStore:
             self._touch(session)
         return session
 
-    def _touch(self, session: _Session, now: datetime | None = None) -> None:
+    def _touch(self, session: Entry, now: datetime | None = None) -> None:
         session.last_access_at = self._clock() if now is None else now
-        if session.user_id is None:
-            session.last_touch = self._monotonic()
-            self._anon_order[session.id] = None
-            self._anon_order.move_to_end(session.id)
-
-    def _insert(self, record: SessionRecord) -> _Session:
-        """Put a record (new, or loaded from disk) into the hot tier."""
-        session = _Session(record, self._monotonic())
-        self._sessions[session.id] = session
-        self._cache[session.id] = session
-        if session.user_id is None:
-            self._anon_order[session.id] = None
-        else:
-            self._by_user.setdefault(session.user_id, set()).add(session.id)
-        return session
-
-    def _remove(self, session_id: str) -> _Session | None:
-        session = self._sessions.pop(session_id, None)
-        if session is not None:
-            cache = self._cache
-            if cache.parked.pop(session_id, None) is None:
-                del cache[session_id]
-            self._unindex(session)
-        return session
-
-    def _remove_user(self, user_id: UserId) -> list[_Session]:
-        removed = []
-        for sid in list(self._by_user.get(user_id, ())):
-            session = self._remove(sid)
-            if session is not None:
-                removed.append(session)
-        return removed
-
-    def _forget(self, session_id: str, session: _Session) -> None:
-        """The LRU dropped an unpinned entry."""
-        del self._sessions[session_id]
-        self._evictions += 1
-        self._unindex(session)
-
-    def _unindex(self, session: _Session) -> None:
-        if session.user_id is None:
-            self._anon_order.pop(session.id, None)
-            return
-        ids = self._by_user.get(session.user_id)
-        if ids is not None:
-            ids.discard(session.id)
-            if not ids:
-                del self._by_user[session.user_id]
-
-    def _expire_idle(self, limit: int = 8) -> int:
-        """Drop up to `limit` anonymous sessions idle past the TTL, oldest first.
-
-        Called on each insert so that expiry is amortised O(1) and never a scan.
-        """
-        deadline = self._monotonic() - self._anon_ttl
-        expired = 0
-        order = self._anon_order
-        while order and expired < limit:
-            sid = next(iter(order))
-            session = self._sessions.get(sid)
-            if session is not None and session.last_touch > deadline:
-                break
-            expired += 1
-            self._expired += 1
-            order.pop(sid)
-            if session is not None:
-                self._remove(sid)
-        return expired
-
-    def _pin(self, session_id: str) -> None:
-        self._cache.pins.add(session_id)
-
-    def _unpin(self, session_id: str) -> None:
-        cache = self._cache
-        cache.pins.discard(session_id)
-        parked = cache.parked.pop(session_id, None)
-        if parked is not None:
-            self._forget(session_id, parked)
-
-    def _sessions_of(self, user_id: UserId) -> Iterator[_Session]:
-        sessions = self._sessions
-        for sid in self._by_user.get(user_id, ()):
-            yield sessions[sid]
-
-    def _peek(self, session_id: str) -> _Session | None:
-        """The entry without touching the LRU or counting (for the worker and listings)."""
-        return self._sessions.get(session_id)
-
-
-def _owns(session: _Session, user_id: UserId | None, binding_token: str | None) -> bool:
-    if session.user_id is not None:
-        return session.user_id == user_id
-    if user_id is not None:
-        return False
-    if session.binding_token is None:
-        return True
-    return binding_token is not None and secrets.compare_digest(
-        session.binding_token.encode(), binding_token.encode()
-    )
-
-
-def _require_user(user_id: object) -> UserId:
-    uid = check_user_id(user_id)
-    if uid is None:
-        raise ValidationError("user_id", "must identify a signed-in user, not None")
-    return uid
-
-
-def _check_window(start: object, count: object, start_name: str = "after_seq") -> tuple[int, int | None]:
-    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-        raise ValidationError(start_name, "must be an int >= 0")
-    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
-        raise ValidationError("limit", "must be an int >= 0 or None")
-    return start, count
-
-
-def _newest_first(summary: SessionSummary) -> tuple[int, str]:
-    return (-to_micros(summary.updated_at), summary.id)
-
-
-def _new_id() -> str:
-    return os.urandom(16).hex()
+        self._tier.touched(session)

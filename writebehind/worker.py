@@ -1,10 +1,10 @@
 """`FlushWorker`: the only path to disk for writes.
 
-Everything that must reach the backend is a request on one `asyncio.Queue`,
-handled by one task, one at a time: flush cycles, deletes, purges. Ordering
-therefore comes from the queue, not from locks: a delete queued behind a flush
-runs after that flush has committed or been rolled back, so no flush can bring
-deleted data back.
+Everything that must reach the backend is a request handled by one task, one at
+a time: flush cycles, deletes, purges. Ordering therefore comes from that task,
+not from locks: a call (a delete, a purge) runs between two batches, after the
+batch in flight has committed or been rolled back, so no flush can bring deleted
+data back; and it never waits behind a whole flush of `max_dirty` sessions.
 
 A flush cycle writes everything that was dirty when it began, a batch per
 transaction. Callers that want durability (`sync()`) wait for the next cycle to
@@ -16,7 +16,6 @@ exponential backoff with full jitter, capped; nothing spins.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import random
@@ -44,8 +43,14 @@ T = TypeVar("T")
 LATENCY_BUCKETS_MS: Final = (1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0)
 _FLUSH: Final = object()
 _STOP: Final = object()
+_CALL: Final = object()
 _RETRY_BASE_S: Final = 0.05
 _MAX_MESSAGES_PER_BATCH: Final = 5000
+_MAX_TOUCHES_PER_BATCH: Final = 5000
+# How often one cycle re-writes a session merged after a conflict before leaving it to
+# the next cycle: two writers fighting over a session cannot hold a cycle forever.
+_CONFLICT_ROUNDS: Final = 3
+ConflictHandler = Callable[[list[Taken]], Awaitable[list[str]]]
 
 
 @dataclass(slots=True)
@@ -83,7 +88,7 @@ class FlushWorker:
         batch_sessions: int,
         max_flushes_per_second: float,
         retry_max_delay_s: float,
-        on_conflict: Callable[[Any, bool], None] = lambda session, deleted: None,
+        on_conflict: ConflictHandler | None = None,
     ) -> None:
         self._on_conflict = on_conflict
         self._backend = backend
@@ -93,6 +98,9 @@ class FlushWorker:
         self._retry_max = retry_max_delay_s
         self._throttler = Throttler(rate_limit=max(1, round(max_flushes_per_second)), period=1.0)
         self._queue: asyncio.Queue[object] = asyncio.Queue()
+        # Calls wait here, not in the queue (which only wakes the task), so that a flush can
+        # serve them between its batches.
+        self._calls: deque[_Call] = deque()
         self._task: asyncio.Task[None] | None = None
         self._flush_queued = False
         self._waiters: list[asyncio.Future[None]] = []
@@ -100,7 +108,6 @@ class FlushWorker:
         self._next_flush = 0.0
         self._stopping = False
         self._restarts = 0
-        self.room = asyncio.Event()  # set whenever a batch commits: back-pressure waits on it
         # stats
         self._batches = 0
         self._sessions = 0
@@ -145,17 +152,35 @@ class FlushWorker:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    async def stop(self) -> None:
-        """Let the queue drain (every call queued so far is answered), then end the task."""
+    async def stop(self, grace: float | None = None) -> bool:
+        """Let the queue drain (every call queued so far is answered), then end the task.
+
+        After `grace` seconds, a task still busy (a hung disk) is cancelled: what it had
+        in flight goes back to the dirty index. Returns whether it ended by itself.
+        """
         self._stopping = True
         task = self._task
-        if task is None:
-            return
-        if not task.done():
+        clean = True
+        if task is not None and not task.done():
             self._queue.put_nowait(_STOP)
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            done, _ = await asyncio.wait([task], timeout=grace)
+            if not done:
+                clean = False
+                LOG.error("the flush worker did not stop within %.1fs (a hung disk?); cancelled", grace)
+                task.cancel()
+                # Bounded too: a task stuck in a thread cannot be made to answer.
+                await asyncio.wait([task], timeout=1.0)
         self._task = None
+        self._fail_pending(ClosedError("the store is closed"))
+        return clean
+
+    async def abandon(self) -> None:
+        """End the task at once, writing nothing more (a simulated crash, for tests)."""
+        self._stopping = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
         self._fail_pending(ClosedError("the store is closed"))
 
     def _fail_pending(self, exc: BaseException) -> None:
@@ -163,10 +188,10 @@ class FlushWorker:
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_exception(exc)
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if isinstance(item, _Call) and not item.future.done():
-                item.future.set_exception(exc)
+        calls, self._calls = self._calls, deque()
+        for call in calls:
+            if not call.future.done():
+                call.future.set_exception(exc)
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -189,7 +214,8 @@ class FlushWorker:
         """Run `fn` in queue order (after everything queued before it), return its result."""
         self._require_running()
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Call(fn, future))
+        self._calls.append(_Call(fn, future))
+        self._queue.put_nowait(_CALL)
         return await future
 
     def _require_running(self) -> None:
@@ -203,17 +229,19 @@ class FlushWorker:
         self._next_flush = time.monotonic() + self._interval
         try:
             while True:
+                # asyncio.timeout, not wait_for: on 3.11 a cancelled wait_for around a
+                # queue get could wait out the whole timeout (a long backoff) first.
                 try:
-                    item = await asyncio.wait_for(self._queue.get(), self._timeout())
+                    async with asyncio.timeout(self._timeout()):
+                        item = await self._queue.get()
                 except TimeoutError:
                     item = None
+                await self.serve_calls()
                 if item is _STOP:
                     return
                 if item is _FLUSH:
                     self._flush_queued = False
                     await self._cycle()
-                elif isinstance(item, _Call):
-                    await self._run_call(item)
                 if time.monotonic() >= self._due():
                     await self._cycle()
         except asyncio.CancelledError:
@@ -228,17 +256,21 @@ class FlushWorker:
     def _timeout(self) -> float:
         return max(0.0, self._due() - time.monotonic())
 
-    async def _run_call(self, call: _Call) -> None:
-        if call.future.done():  # the caller gave up (cancelled)
-            return
-        try:
-            result = await call.fn()
-        except Exception as exc:
-            if not call.future.done():
-                call.future.set_exception(exc)
-        else:
-            if not call.future.done():
-                call.future.set_result(result)
+    async def serve_calls(self) -> None:
+        """Run the calls waiting now, in order (between batches, and when woken)."""
+        calls = self._calls
+        while calls:
+            call = calls.popleft()
+            if call.future.done():  # the caller gave up (cancelled)
+                continue
+            try:
+                result = await call.fn()
+            except Exception as exc:
+                if not call.future.done():
+                    call.future.set_exception(exc)
+            else:
+                if not call.future.done():
+                    call.future.set_result(result)
 
     async def _cycle(self) -> None:
         self._next_flush = time.monotonic() + self._interval
@@ -248,7 +280,9 @@ class FlushWorker:
             _settle(waiters, StorageError(f"storage is failing, retrying later: {self._last_error}"))
             return
         try:
-            await self.flush_all()
+            # A durable caller waits for this cycle: it never waits for the throttle too
+            # (which exists to keep background flushes from hogging the disk).
+            await self.flush_all(throttle=not waiters)
         except (RecordError, ConflictError) as exc:
             # The backend works; it refused some sessions' data, or another writer won.
             # Those are retried (or dropped) on the interval, not on a failure's backoff.
@@ -267,7 +301,7 @@ class FlushWorker:
             self._failures = 0
             _settle(waiters, None)
 
-    async def flush_all(self) -> None:
+    async def flush_all(self, *, throttle: bool = True) -> None:
         """Write everything dirty when called, in batches. Called only from the task (or
         by the store at shutdown, once the task has stopped).
 
@@ -276,27 +310,78 @@ class FlushWorker:
         backend refused.
         """
         refused: list[str] = []
-        conflicts: list[str] = []
+        conflicts: list[Taken] = []
+        unresolved: list[str] = []
         remaining = len(self._dirty)
-        while remaining > 0:
-            batch = self._dirty.take(min(self._batch, remaining), _MAX_MESSAGES_PER_BATCH)
-            if not batch:
+        rounds = 0
+        while True:
+            while remaining > 0:
+                batch = self._dirty.take(min(self._batch, remaining), _MAX_MESSAGES_PER_BATCH)
+                if not batch:
+                    break
+                remaining -= len(batch)
+                await self._write(batch, refused, conflicts, throttle)
+                if self._task is not None and asyncio.current_task() is self._task:
+                    # A delete or an erasure never waits behind a whole flush.
+                    await self.serve_calls()
+            touches = self._dirty.take_touches(_MAX_TOUCHES_PER_BATCH)
+            if touches:
+                await self._write_touches(touches)
+            if not conflicts:
                 break
-            remaining -= len(batch)
-            await self._write(batch, refused, conflicts)
-        if conflicts:
-            raise ConflictError(conflicts)
+            rounds += 1
+            merged = await self._resolve(conflicts)
+            conflicts = []
+            if rounds >= _CONFLICT_ROUNDS:
+                unresolved = merged
+                break
+            remaining = len(merged)
+            self._dirty.to_front(merged)
+        if unresolved:
+            raise ConflictError(unresolved)
         if refused:
             raise RecordError(
                 f"the backend refused the data of {len(refused)} session(s), kept in memory: "
                 + ", ".join(refused[:10])
             )
 
-    async def _write(self, batch: list[Taken], refused: list[str], conflicts: list[str]) -> None:
+    async def _resolve(self, conflicts: list[Taken]) -> list[str]:
+        """Hand the sessions another writer changed to the store, which merges this
+        instance's messages after the winner's; returns those left to write again."""
+        if self._on_conflict is None:
+            return []
+        return await self._on_conflict(conflicts)
+
+    async def _write_touches(self, touches: list[tuple[str, datetime]]) -> None:
+        """Persist read times. Never a durable caller's failure: their data is written by
+        then, and a touch is retried with the next flush."""
         try:
-            async with self._throttler:
+            await self._backend.write_batch([], touches)
+        except StorageError as exc:
+            self._dirty.restore_touches(touches)
+            LOG.warning("persisting %d sessions' last access failed, retrying later: %s", len(touches), exc)
+            return
+        except BaseException:
+            self._dirty.restore_touches(touches)
+            raise
+        self._dirty.touches_done(touches)
+
+    async def _write(
+        self, batch: list[Taken], refused: list[str], conflicts: list[Taken], throttle: bool = True
+    ) -> None:
+        try:
+            try:
+                if throttle:
+                    async with self._throttler:
+                        pass
                 started = time.perf_counter()
                 result = await self._backend.write_batch([t.delta for t in batch])
+            except StorageError:
+                raise
+            except Exception as exc:
+                # Not the database failing but this batch's data (a value the driver could
+                # not take): isolate it like a refused record, never let it kill the worker.
+                raise RecordError(f"write_batch failed on its data: {type(exc).__name__}: {exc}") from exc
         except RecordError as exc:
             self._dirty.restore(batch)
             if len(batch) == 1:
@@ -310,7 +395,7 @@ class FlushWorker:
             for part in (ids[:half], ids[half:]):
                 again = self._dirty.take_these(part)
                 if again:
-                    await self._write(again, refused, conflicts)
+                    await self._write(again, refused, conflicts, throttle)
             return
         except StorageError as exc:
             self._dirty.restore(batch)
@@ -320,12 +405,13 @@ class FlushWorker:
             self._dirty.restore(batch)
             raise
         latency = (time.perf_counter() - started) * 1000
-        self._dirty.done(batch, result.versions)
+        lost = [t for t in batch if t.delta.record.id in result.conflicts]
+        if lost:
+            # Not written: back to the dirty index before the store merges them.
+            self._dirty.restore(lost)
+        self._dirty.done([t for t in batch if t.delta.record.id not in result.conflicts], result.versions)
         self._succeeded([t for t in batch if t.delta.record.id in result.versions], latency)
-        for taken in batch:
-            if taken.delta.record.id in result.conflicts:
-                conflicts.append(taken.delta.record.id)
-                self._on_conflict(taken.session, taken.delta.record.id in result.deleted)
+        conflicts.extend(lost)
 
     def _poison(self, sid: str, exc: StorageError) -> None:
         tries = self._dirty.refused(sid)
@@ -351,8 +437,6 @@ class FlushWorker:
         self._latency_sum += latency_ms
         self._latency_counts[bisect_left(LATENCY_BUCKETS_MS, latency_ms)] += 1
         self._last_flush_at = utcnow()
-        self.room.set()
-        self.room.clear()
 
     def _failed(self, exc: StorageError) -> None:
         self._failures += 1
@@ -374,7 +458,7 @@ class FlushWorker:
     def stats(self) -> WorkerStats:
         latencies = sorted(self._latencies)
         return WorkerStats(
-            queue_depth=self._queue.qsize(),
+            queue_depth=len(self._calls),
             durable_waiters=len(self._waiters),
             batches_flushed=self._batches,
             sessions_flushed=self._sessions,

@@ -13,9 +13,21 @@ What a caller may rely on:
   (every `flush_interval_ms`, or sooner when `flush_batch` sessions are dirty).
   `durable=True` / `flush()` return once it is on disk; concurrent durable callers
   share transactions (group commit).
-- `aclose()` flushes everything; if the backend still refuses after
-  `shutdown_timeout_seconds`, the dirty sessions go to a recovery file replayed by
-  the next `start()`. Only if that fails too does `aclose()` raise.
+- `aclose()` flushes everything and returns within `shutdown_timeout_seconds` (plus
+  a second or two for a hung disk's threads): what the backend did not take by then
+  goes to the recovery file, replayed by the next `start()`. Only if that fails too
+  does `aclose()` raise, and `unsaved()` hands the caller the records. A cancelled
+  `aclose()` still writes the recovery file before the cancellation goes on.
+- Several instances on one PostgreSQL schema: a session has one owner at a time, and
+  only the owner serves it from memory. A miss on a session another instance owns
+  waits for it to be handed over (the owner flushes it and lets go; a reply it is
+  producing under `hold()` is waited for), except a read, which meanwhile gets it
+  flushed and reads it from the database. An owner that does not answer in time
+  raises `OwnershipError`; a dead one's sessions are taken at once.
+- Another writer of the same session (ownership lost in a partition, a replayed
+  recovery file) never makes a write disappear: the version fence detects it and
+  this instance's messages are merged after the winner's, re-sequenced and logged.
+  An erasure that won is kept: the erased session is dropped here too.
 - `delete_session` / `delete_user` are on disk when they return, and nothing queued
   or in flight can bring the data back.
 - Back-pressure: when `max_dirty` sessions wait for the disk, a write that would
@@ -27,22 +39,30 @@ What a caller may rely on:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Self
+from typing import Any, Final, Self
 
-from .backends.base import Backend, SessionDelta
+from .backends.base import Backend, RecordError, SessionDelta
 from .config import Config
-from .dirty import DirtyIndex
-from .errors import BackPressureError, ClosedError, NotFound, StorageError, WriteBehindError
+from .dirty import DirtyIndex, Taken
+from .errors import (
+    BackPressureError,
+    ClosedError,
+    NotFound,
+    OwnershipError,
+    StorageError,
+    ValidationError,
+)
 from .export import export_json
+from .merge import merge_sessions
 from .model import (
     Metadata,
     SessionRecord,
@@ -51,21 +71,17 @@ from .model import (
     UserId,
     check_id,
     check_user_id,
+    check_window,
+    new_id,
+    newest_first,
+    require_user,
     utcnow,
 )
+from .ownership import Access, Holds, ownership_for
 from .policy import PersistencePolicy, authenticated_only
 from .recovery import read_recovery, recovery_path_for, write_recovery
 from .stats import StoreStats
-from .store import (
-    UNSET,
-    SessionStore,
-    _check_window,
-    _new_id,
-    _newest_first,
-    _owns,
-    _require_user,
-    _Session,
-)
+from .store import UNSET, Applied, Entry, SessionStore
 from .worker import FlushWorker
 
 __all__ = ["WriteBehindStore"]
@@ -79,6 +95,17 @@ _NEW: Final = "new"
 _RUNNING: Final = "running"
 _CLOSED: Final = "closed"
 _PURGE_CHUNK: Final = 500
+# What aclose() allows beyond shutdown_timeout_seconds for the steps after the final
+# flush: writing the recovery file and closing the backend (whose threads may hang).
+_CLOSE_MARGIN_S: Final = 1.0
+_REPLAY_ROUNDS: Final = 3
+_INT64_MAX: Final = 2**63 - 1
+# How often a handoff flushes a session that keeps being written (outside `hold()`) before
+# it answers "held" rather than chase it.
+_LET_GO_FLUSHES: Final = 2
+# How often a miss takes a session again that was handed to another instance between its
+# load and its use (each round is a handoff: in practice one is enough).
+_TAKE_ROUNDS: Final = 10
 
 
 class WriteBehindStore:
@@ -95,16 +122,16 @@ class WriteBehindStore:
     ) -> None:
         self.config = config = config or Config()
         self._hot = hot
+        self._tier = hot.tier
         self._backend = backend
         self._policy = policy
+        if recovery_path is None:
+            recovery_path = config.recovery_path
         if recovery_path is None:
             db_path = getattr(backend, "path", None)
             recovery_path = recovery_path_for(Path(db_path)) if db_path is not None else None
         self._recovery_path = recovery_path
-        self._dirty = DirtyIndex(hot)
-        self._in_memory = hot._sessions  # read-only here: the hot tier owns it
-        self._dirty_map = self._dirty.dirty_map
-        self._inflight_map = self._dirty.inflight_map
+        self._dirty = DirtyIndex(self._tier)
         self._max_dirty = config.max_dirty
         self._flush_batch = config.flush_batch
         self._worker = FlushWorker(
@@ -114,18 +141,26 @@ class WriteBehindStore:
             batch_sessions=config.flush_batch,
             max_flushes_per_second=config.max_flushes_per_second,
             retry_max_delay_s=config.retry_max_delay_ms / 1000,
-            on_conflict=self._conflicted,
+            on_conflict=self._merge_conflicts,
         )
-        self._conflicts: dict[str, SessionRecord] = {}
+        self._merges = 0
         self._state = _NEW
         self._loading: dict[str, asyncio.Task[None]] = {}
-        # Bumped whenever a delete commits: a load that began before it must not
-        # put the deleted record back into memory.
-        self._epoch = 0
+        # Sessions deleted while a load of theirs was in flight: that load may have read
+        # the row before the delete committed, so it must read again.
+        self._stale_loads: set[str] = set()
+        self._unsaved: list[SessionRecord] = []
         self._loads = 0
         self._cold_hits = 0
         self._rejections = 0
         self._housekeeping: asyncio.Task[None] | None = None
+        # Several instances on one database (PostgreSQL): which sessions this one owns, and
+        # the replies being produced here (a handoff waits for them).
+        self._ownership = ownership_for(backend)
+        self._holds = Holds()
+        # Sessions a miss is taking (`_own`), and how often each was let go meanwhile.
+        self._watching: dict[str, int] = {}
+        self._gone: dict[str, int] = {}
         self._purged = 0
         self._last_cleanup_at: datetime | None = None
 
@@ -154,9 +189,14 @@ class WriteBehindStore:
                 synchronous=config.synchronous,
                 busy_timeout_ms=config.busy_timeout_ms,
             )
-        # The recovery file lies beside the SQLite file, or at db_path for PostgreSQL.
+        # The recovery file: CHAT_SESSION_RECOVERY_PATH, else beside the SQLite file (for
+        # PostgreSQL: beside db_path, on this machine).
         return cls(
-            hot, backend, config=config, policy=policy, recovery_path=recovery_path_for(config.db_path)
+            hot,
+            backend,
+            config=config,
+            policy=policy,
+            recovery_path=config.recovery_path or recovery_path_for(config.db_path),
         )
 
     @property
@@ -170,8 +210,9 @@ class WriteBehindStore:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the backend (migrating it), replay a recovery file if one is there, start
-        the worker. Raises `SchemaError`/`StorageError` and stays unstarted on failure."""
+        """Open the backend (migrating it), replay a recovery file if one is there, take
+        part in session ownership (PostgreSQL), start the worker. Raises
+        `SchemaError`/`StorageError` and stays unstarted on failure."""
         if self._state == _RUNNING:
             return
         if self._state == _CLOSED:
@@ -179,6 +220,7 @@ class WriteBehindStore:
         await self._backend.open()
         try:
             await self._replay_recovery()
+            await self._ownership.start(self._let_go, self.flush)
         except BaseException:
             await self._backend.close()
             raise
@@ -187,87 +229,181 @@ class WriteBehindStore:
         self._state = _RUNNING
 
     async def _replay_recovery(self) -> None:
+        """Write a recovery file's sessions, merging each onto what the database holds now
+        if another writer changed it since; a session the backend refuses outright is kept
+        in a side file for a person, and the store starts all the same."""
         path = self._recovery_path
         if path is None or not path.exists():
             return
-        records = read_recovery(path)
-        deltas = [SessionDelta(replace(r, messages=()), r.messages, len(r.messages)) for r in records]
-        result = await self._backend.write_batch(deltas)
-        if result.conflicts:
-            # Someone else wrote these sessions since: keep the file for a person to look at.
-            kept = path.with_name(f"{path.name}.conflicted-{int(time.time())}")
-            path.rename(kept)
+        pending = {r.id: r for r in read_recovery(path)}
+        written = merged = 0
+        refused: list[SessionRecord] = []
+        for _ in range(_REPLAY_ROUNDS):
+            if not pending:
+                break
+            deltas = [
+                SessionDelta(replace(r, messages=()), r.messages, len(r.messages)) for r in pending.values()
+            ]
+            try:
+                result = await self._backend.write_batch(deltas)
+            except RecordError:
+                result = None
+            if result is None:
+                # One by one, to find the records the backend refuses.
+                for delta in deltas:
+                    try:
+                        one = await self._backend.write_batch([delta])
+                    except RecordError as exc:
+                        LOG.error("recovery: session %s refused by the backend: %s", delta.record.id, exc)
+                        refused.append(pending.pop(delta.record.id))
+                        continue
+                    written += len(one.versions)
+                    for sid in one.versions:
+                        pending.pop(sid, None)
+                continue
+            written += len(result.versions)
+            for sid in result.versions:
+                pending.pop(sid, None)
+            for sid in result.conflicts:
+                winner = await self._backend.load_session(sid)
+                if winner is None:
+                    # It was on disk and someone deleted it since (an erasure, through the
+                    # command line while the app was down, or another instance): erasure
+                    # wins, as it does for a flush.
+                    LOG.warning("recovery: session %s was deleted since it was saved; not restored", sid)
+                    del pending[sid]
+                    continue
+                pending[sid] = merge_sessions(winner, pending[sid]).record
+                merged += 1
+        refused.extend(pending.values())
+        if refused:
+            kept = path.with_name(f"{path.name}.refused-{int(time.time())}")
+            write_recovery(kept, refused)
             LOG.error(
-                "the recovery file had %d sessions another writer changed since (%s); kept as %s",
-                len(result.conflicts),
-                ", ".join(sorted(result.conflicts)[:10]),
+                "recovery: %d sessions could not be written (%s); kept in %s for a person to look at",
+                len(refused),
+                ", ".join(r.id for r in refused[:10]),
                 kept,
             )
-        else:
-            path.unlink()
-        LOG.warning("replayed %d sessions from the recovery file %s", len(result.versions), path)
+        path.unlink()
+        LOG.warning(
+            "replayed %d sessions from the recovery file %s (%d merged onto newer versions)",
+            written,
+            path,
+            merged,
+        )
 
     async def aclose(self) -> None:
         """Flush everything and close. Idempotent.
 
-        Raises `StorageError` only if some dirty sessions could be neither written nor
-        saved to the recovery file; the message says how many.
+        Bounded: returns within `shutdown_timeout_seconds` plus about a second, even on a
+        hung disk; whatever was not written by then goes to the recovery file. Cancelling
+        it still leaves the recovery file written. Raises `StorageError` only if some
+        sessions could be neither written nor saved to the recovery file (the message
+        says how many; `unsaved()` returns them).
         """
         if self._state != _RUNNING:
             self._state = _CLOSED
             return
         self._state = _CLOSED
-        if self._housekeeping is not None:
-            self._housekeeping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._housekeeping
-        await self._worker.stop()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.shutdown_timeout_seconds
+        saved = False
         try:
-            await self._final_flush()
+            if self._housekeeping is not None:
+                # Whatever it raised was logged there; shutdown goes on regardless.
+                self._housekeeping.cancel()
+                await asyncio.wait([self._housekeeping])
+            await self._worker.stop(grace=max(0.0, deadline - loop.time()))
+            await self._final_flush(deadline)
+            saved = True
+            self._save_unsaved()
         finally:
-            await self._backend.close()
+            if not saved:
+                # Cancelled, or something unexpected: the recovery file all the same, at
+                # once (a blocking write of a few files, at shutdown), then go on raising.
+                self._save_unsaved(quiet=True)
+            # Everything is on disk (or in the recovery file): the others may have it all.
+            await self._ownership.close()
+            await self._close_backend()
+
+    async def _close_backend(self) -> None:
+        task = asyncio.ensure_future(self._backend.close())
+        done, _ = await asyncio.wait([task], timeout=_CLOSE_MARGIN_S)
+        if not done:
+            task.cancel()
+            LOG.error("the backend did not close within %.1fs (a hung disk?); abandoned", _CLOSE_MARGIN_S)
+        elif not task.cancelled() and task.exception() is not None:
+            LOG.error("closing the backend failed: %s", task.exception())
+
+    def unsaved(self) -> list[SessionRecord]:
+        """The sessions the last `aclose()` could neither write nor save to the recovery file
+        (empty when it returned normally): the caller's last chance to keep them."""
+        return list(self._unsaved)
 
     async def _abandon(self) -> None:
         """Stop as a SIGKILL would: no final flush, nothing saved. For crash tests only."""
         self._state = _CLOSED
-        self._worker._stopping = True
-        tasks = [t for t in (self._worker._task, self._housekeeping) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            await asyncio.wait([self._housekeeping])
+        await self._worker.abandon()
+        await self._ownership.abandon()
         await self._backend.close()
 
-    async def _final_flush(self) -> None:
+    async def _final_flush(self, deadline: float) -> None:
+        """Flush until nothing is dirty or the deadline passes; a hung write is cancelled at
+        the deadline (its batch goes back to the dirty index)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.shutdown_timeout_seconds
         delay = 0.05
         while len(self._dirty) > len(self._dirty.poisoned()):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
             try:
-                await self._worker.flush_all()
-            except StorageError:
+                async with asyncio.timeout(remaining):
+                    await self._worker.flush_all(throttle=False)
+            except TimeoutError:
+                LOG.error("the final flush did not finish within shutdown_timeout_seconds")
+                break
+            except Exception as exc:  # any failure: the recovery file takes what is left
+                LOG.warning("final flush failed (%s); retrying until shutdown_timeout_seconds", exc)
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
                 await asyncio.sleep(min(delay, remaining))
                 delay = min(delay * 2, 1.0)
-        left = [self._hot._peek(sid) for sid in self._dirty.session_ids()]
-        records = [s.snapshot() for s in left if s is not None]
+
+    def _save_unsaved(self, *, quiet: bool = False) -> None:
+        """Write every session not known to be on disk to the recovery file. Synchronous on
+        purpose: it must also run where no await can (a cancelled aclose)."""
+        records = [entry.snapshot() for entry in self._dirty.unsaved()]
         if not records:
             return
+        problem = None
         if self._recovery_path is None:
-            raise StorageError(f"{len(records)} sessions could not be saved (no recovery file)")
-        try:
-            await asyncio.to_thread(write_recovery, self._recovery_path, records)
-        except OSError as exc:
-            raise StorageError(
-                f"{len(records)} sessions could not be saved: the backend refused them and "
-                f"the recovery file {self._recovery_path} could not be written ({exc.strerror})"
-            ) from exc
-        LOG.error(
-            "the backend refused %d sessions at shutdown; saved to %s for the next start",
-            len(records),
-            self._recovery_path,
+            problem = "no recovery file is configured"
+        else:
+            try:
+                write_recovery(self._recovery_path, records)
+            except (OSError, ValueError, StorageError) as exc:
+                problem = f"the recovery file {self._recovery_path} could not be written ({exc})"
+        if problem is None:
+            LOG.error(
+                "the backend did not take %d sessions at shutdown; saved to %s for the next start",
+                len(records),
+                self._recovery_path,
+            )
+            self._unsaved = []
+            return
+        self._unsaved = records
+        message = (
+            f"{len(records)} sessions could not be saved: the backend refused them and {problem}; "
+            "WriteBehindStore.unsaved() returns them"
         )
+        LOG.critical(message)
+        if not quiet:
+            raise StorageError(message)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -302,45 +438,94 @@ class WriteBehindStore:
         if self._state != _RUNNING:
             raise ClosedError("the store is closed" if self._state == _CLOSED else "call start() first")
 
-    async def _ready(self, session_id: str, user_id: UserId | None, *, creating: bool = False) -> None:
-        """Make sure the session is in memory if it exists anywhere. Suspends only on a miss."""
+    async def _ready(
+        self, session_id: str, user_id: UserId | None, *, creating: bool = False, reading: bool = False
+    ) -> SessionRecord | None:
+        """Make sure the session is in memory, owned by this instance, if it exists anywhere.
+        Suspends only on a miss. The caller goes on without an await in between, so no
+        handoff can take the session away before it is used.
+
+        `reading`: a session another instance keeps (a reply is streaming into it there) is
+        not taken; its owner flushes it and this returns it as read from the database (kept
+        out of memory). Otherwise returns None.
+        """
         self._require_running()
-        if type(session_id) is str and session_id in self._in_memory:
-            return
+        if type(session_id) is str and session_id in self._tier:
+            return None
         sid = check_id("session_id", session_id)
         uid = check_user_id(user_id)
         # Creating with a chosen id must see a persisted session of that id, whoever asks,
         # or an anonymous caller could shadow a signed-in user's session in memory.
         if creating or self._policy(sid, uid):
-            await self._load(sid)
+            return await self._own(sid, reading)
+        return None
 
-    async def _load(self, session_id: str) -> None:
+    async def _own(self, sid: str, reading: bool) -> SessionRecord | None:
+        """`_ready`'s miss: take the session (its owner elsewhere hands it over) and load it.
+        Between the load's end and this caller's turn another instance may have been handed
+        it: then it is taken again, never used (or created) unowned."""
+        watching = self._watching
+        watching[sid] = watching.get(sid, 0) + 1
+        try:
+            for _ in range(_TAKE_ROUNDS):
+                gone = self._gone.get(sid, 0)
+                owned = False
+                if reading:
+                    if await self._ownership.acquire(sid, reading=True) is Access.ELSEWHERE:
+                        return await self._backend.load_session(sid)
+                    owned = True
+                await self._load(sid, owned=owned)
+                if sid in self._tier or self._gone.get(sid, 0) == gone:
+                    return None
+        finally:
+            left = watching[sid] - 1
+            if left:
+                watching[sid] = left
+            else:
+                del watching[sid]
+                self._gone.pop(sid, None)
+        raise OwnershipError(sid, f"handed to other instances {_TAKE_ROUNDS} times before it could be used")
+
+    async def _load(self, session_id: str, *, owned: bool = False) -> None:
         task = self._loading.get(session_id)
         if task is None:
-            task = asyncio.create_task(self._do_load(session_id), name="writebehind-load")
+            task = asyncio.create_task(self._do_load(session_id, owned), name="writebehind-load")
             self._loading[session_id] = task
             task.add_done_callback(lambda _: self._loading.pop(session_id, None))
         # Shielded: a caller that gives up does not cancel the others' load.
         await asyncio.shield(task)
 
-    async def _do_load(self, session_id: str) -> None:
-        while True:
-            epoch = self._epoch
-            self._loads += 1
-            record = await self._backend.load_session(session_id)
-            if epoch != self._epoch:
-                continue  # a delete committed meanwhile: what we read may be gone
-            if record is not None and self._hot._peek(session_id) is None:
-                self._cold_hits += 1
-                self._hot._insert(record)
-            return
+    async def _do_load(self, session_id: str, owned: bool = False) -> None:
+        """Own the session (another instance hands it over first), then load it."""
+        try:
+            if not owned:
+                await self._ownership.acquire(session_id)
+            while True:
+                self._stale_loads.discard(session_id)
+                self._loads += 1
+                record = await self._backend.load_session(session_id)
+                if session_id in self._stale_loads:
+                    continue  # deleted meanwhile: what we read may be gone
+                if record is not None and session_id not in self._tier:
+                    self._cold_hits += 1
+                    self._tier.insert(record)
+                return
+        finally:
+            self._stale_loads.discard(session_id)
+
+    def _deleted(self, session_ids: Iterable[str]) -> None:
+        """These sessions' rows are gone: a load of one of them in flight reads again."""
+        loading = self._loading
+        for sid in session_ids:
+            if sid in loading:
+                self._stale_loads.add(sid)
 
     async def _admit(self, session_id: str, user_id: UserId | None, creating: bool = False) -> None:
         """`_ready`, plus back-pressure for a write that would dirty one more session."""
         await self._ready(session_id, user_id, creating=creating)
         if self._dirty.backlog() < self._max_dirty or self._dirty.holds(session_id):
             return
-        session = self._hot._peek(session_id)
+        session = self._tier.peek(session_id)
         owner = user_id if session is None else session.user_id
         if not self._policy(session_id, owner):
             return
@@ -360,39 +545,65 @@ class WriteBehindStore:
                     f"{self._dirty.backlog()} sessions are waiting for the disk (max_dirty="
                     f"{self.config.max_dirty}); the write was not applied, retry later"
                 )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._worker.room.wait(), remaining)
+            # Woken whenever the backlog shrinks: a batch committed, a delete, an erasure.
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._dirty.room.wait()
+            except TimeoutError:
+                pass
 
     def _hot_now(self, session_id: object) -> bool:
         """The fast path: running, in memory, no back-pressure. Then nothing awaits."""
         return (
             self._state is _RUNNING
             and type(session_id) is str
-            and session_id in self._in_memory
-            and len(self._dirty_map) + len(self._inflight_map) < self._max_dirty
+            and session_id in self._tier
+            and self._dirty.backlog() < self._max_dirty
         )
 
-    def _persists(self, session: _Session) -> bool:
+    def _persists(self, session: Entry) -> bool:
         return self._policy(session.id, session.user_id)
 
-    def _wrote(self, session: _Session, seq: int | None = None, *, full: bool = False) -> bool:
+    async def _write(
+        self,
+        session_id: str | None,
+        user_id: UserId | None,
+        durable: bool,
+        apply: Callable[..., Applied],
+        *args: Any,
+        creating: bool = False,
+    ) -> Any:
+        """The one path of every write: admit (load on a miss, back-pressure), apply to the
+        hot tier (`apply(session_id, *args)`, one of `SessionStore.do_*`), mark what it
+        changed, and wait for the disk only if `durable`. Returns the caller's result.
+
+        A bound method and its arguments rather than a closure: this is the hot path of
+        every streamed token (a closure cost about 0.4 us a call here).
+        """
+        if session_id is None:
+            # A fresh random id: nothing on disk to look for.
+            self._require_running()
+            session_id = new_id()
+            if self._policy(session_id, user_id):
+                # Owned before anyone can know the id, so that another instance asked for
+                # it right after finds it here (no row until the first flush).
+                await self._ownership.acquire(session_id)
+                if self._dirty.backlog() >= self._max_dirty:
+                    await self._make_room()
+        elif not self._hot_now(session_id):
+            await self._admit(session_id, user_id, creating=creating)
+        entry, seq, full, result = apply(session_id, *args)
+        if self._wrote(entry, seq, full) and durable:
+            await self._worker.sync()
+        return result
+
+    def _wrote(self, session: Entry, seq: int | None = None, full: bool = False) -> bool:
         """Mark what a write changed, if this session persists; True if it does."""
         if not self._policy(session.id, session.user_id):
             return False
         if self._dirty.mark(session.id, seq, full) >= self._flush_batch:
             self._worker.kick()
         return True
-
-    def _touched(self, session_id: str) -> None:
-        # A read moves last_access_at; persist it with the next flush, but never let a read
-        # be the write that trips back-pressure.
-        session = self._in_memory.get(session_id)
-        if (
-            session is not None
-            and (self._dirty.holds(session_id) or self._dirty.backlog() < self._max_dirty)
-            and self._policy(session_id, session.user_id)
-        ):
-            self._dirty.mark_row(session_id)
 
     # -- the public API (the same as SessionStore's) -------------------------------------------
 
@@ -409,28 +620,31 @@ class WriteBehindStore:
         csrf_token: str | None = None,
         durable: bool = False,
     ) -> SessionRecord:
-        if session_id is None:
-            # A fresh random id: nothing on disk to look for.
-            self._require_running()
-            session_id = _new_id()
-            if self._dirty.backlog() >= self._max_dirty and self._policy(session_id, user_id):
-                await self._make_room()
-        elif not self._hot_now(session_id):
-            await self._admit(session_id, user_id, creating=True)
-        session, created = self._hot._ensure(
-            session_id, user_id, title, status, client_ip, user_agent, binding_token, csrf_token
+        entry: Entry = await self._write(
+            session_id,
+            user_id,
+            durable,
+            self._hot.do_ensure,
+            user_id,
+            title,
+            status,
+            client_ip,
+            user_agent,
+            binding_token,
+            csrf_token,
+            creating=True,
         )
-        if self._wrote(session, full=created) and durable:
-            await self._worker.sync()
-        return session.snapshot()
+        return entry.snapshot()
 
     async def get_session(
         self, session_id: str, *, user_id: UserId | None, binding_token: str | None = None
     ) -> SessionRecord:
         if not self._hot_now(session_id):
-            await self._ready(session_id, user_id)
-        session = self._hot._owned(session_id, user_id, binding_token)
-        self._touched(session_id)
+            elsewhere = await self._ready(session_id, user_id, reading=True)
+            if elsewhere is not None:
+                return self._read_elsewhere(session_id, user_id, elsewhere)
+        session = self._hot.owned(session_id, user_id, binding_token)
+        self._dirty.touch(session)
         if ACCESS.isEnabledFor(logging.INFO):
             ACCESS.info("read session=%s user=%s", session_id, user_id)
         return session.snapshot()
@@ -444,21 +658,20 @@ class WriteBehindStore:
         limit: int | None = None,
         binding_token: str | None = None,
     ) -> tuple[StoredMessage, ...]:
+        elsewhere = None
         if not self._hot_now(session_id):
-            await self._ready(session_id, user_id)
-        messages = await self._hot.get_messages(
-            session_id,
-            user_id=user_id,
-            after_seq=after_seq,
-            limit=limit,
-            binding_token=binding_token,
-        )
-        self._touched(session_id)
+            elsewhere = await self._ready(session_id, user_id, reading=True)
+        start, count = check_window(after_seq, limit)
+        if elsewhere is not None:
+            messages = self._read_elsewhere(session_id, user_id, elsewhere).messages
+            return messages[start : None if count is None else start + count]
+        session = self._hot.owned(session_id, user_id, binding_token)
+        self._dirty.touch(session)
         # DEBUG: a streaming client reads a session once a token; `get_session`, exports and
         # erasures are the INFO-level record of who read what.
         if ACCESS.isEnabledFor(logging.DEBUG):
             ACCESS.debug("read messages session=%s user=%s after_seq=%s", session_id, user_id, after_seq)
-        return messages
+        return tuple(session.messages[start : None if count is None else start + count])
 
     async def append_message(
         self,
@@ -472,13 +685,18 @@ class WriteBehindStore:
         binding_token: str | None = None,
         durable: bool = False,
     ) -> StoredMessage:
-        if not self._hot_now(session_id):
-            await self._admit(session_id, user_id)
-        session, message = self._hot._append(
-            session_id, user_id, role, content, message_id, metadata, binding_token
+        message: StoredMessage = await self._write(
+            session_id,
+            user_id,
+            durable,
+            self._hot.do_append,
+            user_id,
+            role,
+            content,
+            message_id,
+            metadata,
+            binding_token,
         )
-        if self._wrote(session, message.seq) and durable:
-            await self._worker.sync()
         return message
 
     async def update_message(
@@ -493,13 +711,18 @@ class WriteBehindStore:
         binding_token: str | None = None,
         durable: bool = False,
     ) -> StoredMessage:
-        if not self._hot_now(session_id):
-            await self._admit(session_id, user_id)
-        session, message = self._hot._update_message(
-            session_id, message_id, user_id, content, append, metadata, binding_token
+        message: StoredMessage = await self._write(
+            session_id,
+            user_id,
+            durable,
+            self._hot.do_update_message,
+            message_id,
+            user_id,
+            content,
+            append,
+            metadata,
+            binding_token,
         )
-        if self._wrote(session, message.seq) and durable:
-            await self._worker.sync()
         return message
 
     async def update_session(
@@ -512,12 +735,10 @@ class WriteBehindStore:
         binding_token: str | None = None,
         durable: bool = False,
     ) -> SessionRecord:
-        if not self._hot_now(session_id):
-            await self._admit(session_id, user_id)
-        session = self._hot._update_session(session_id, user_id, status, title, binding_token)
-        if self._wrote(session) and durable:
-            await self._worker.sync()
-        return session.snapshot()
+        entry: Entry = await self._write(
+            session_id, user_id, durable, self._hot.do_update_session, user_id, status, title, binding_token
+        )
+        return entry.snapshot()
 
     async def claim(
         self,
@@ -528,29 +749,33 @@ class WriteBehindStore:
         durable: bool = False,
     ) -> SessionRecord:
         """Hand an anonymous session to the user who signed in; from now on it persists whole."""
-        _require_user(user_id)
-        await self._admit(session_id, user_id)
-        session = self._hot._claim(session_id, user_id, binding_token)
-        if self._wrote(session, full=True) and durable:
-            await self._worker.sync()
-        return session.snapshot()
+        require_user(user_id)
+        if type(session_id) is str and session_id in self._tier:
+            # From now on it persists: owned here before another instance can ask for it.
+            await self._ownership.acquire(session_id)
+        entry: Entry = await self._write(
+            session_id, user_id, durable, self._hot.do_claim, user_id, binding_token
+        )
+        return entry.snapshot()
 
     async def list_sessions(
         self, user_id: UserId, *, limit: int | None = None, offset: int = 0
     ) -> list[SessionSummary]:
         """The user's sessions from memory and disk (memory's newer state wins), newest first."""
         self._require_running()
-        _check_window(offset, limit, "offset")
+        check_window(offset, limit, "offset")
         in_memory = await self._hot.list_sessions(user_id)  # validates user_id
         if user_id is None:
             return []
         # Any session in the merged top (offset + limit) is either in memory or within the
         # disk's top (offset + limit + len(in_memory)): in-memory rows can only displace.
         want = None if limit is None else offset + limit + len(in_memory)
+        if want is not None and want > _INT64_MAX:
+            want = None  # past any table's size: the same as no limit, and SQL takes it
         on_disk = await self._backend.list_sessions(user_id, limit=want, offset=0)
         merged = {s.id: s for s in on_disk}
         merged.update((s.id, s) for s in in_memory)
-        ordered = sorted(merged.values(), key=_newest_first)
+        ordered = sorted(merged.values(), key=newest_first)
         return ordered[offset : None if limit is None else offset + limit]
 
     async def delete_session(
@@ -560,23 +785,24 @@ class WriteBehindStore:
         self._require_running()
         sid = check_id("session_id", session_id)
         uid = check_user_id(user_id)
-        session = self._hot._peek(sid)
+        session = self._tier.peek(sid)
         if session is not None and not self._persists(session):
             # Never on disk: memory is all there is.
             await self._hot.delete_session(sid, user_id=uid, binding_token=binding_token)
             return
-        if session is not None and not _owns(session, uid, binding_token):
+        if session is not None and not session.owned_by(uid, binding_token):
             raise NotFound(sid)
         if session is None and not self._policy(sid, uid):
             raise NotFound(sid)
 
         async def erase() -> bool:
             on_disk = await self._backend.delete_session(sid, uid)
-            current = self._hot._peek(sid)
-            in_memory = current is not None and _owns(current, uid, binding_token)
+            current = self._tier.peek(sid)
+            in_memory = current is not None and current.owned_by(uid, binding_token)
             if in_memory:
                 self._forget(sid)
-            self._epoch += 1
+            if on_disk or in_memory:
+                self._deleted([sid])
             return on_disk or in_memory
 
         if not await self._worker.call(erase):
@@ -586,48 +812,130 @@ class WriteBehindStore:
     async def delete_user(self, user_id: UserId) -> int:
         """Erase every session of the user from memory and disk; returns how many there were."""
         self._require_running()
-        uid = _require_user(user_id)
+        uid = require_user(user_id)
 
         async def erase() -> int:
             on_disk = set(await self._backend.delete_user(uid))
-            in_memory = {s.id for s in self._hot._remove_user(uid)}
+            in_memory = {s.id for s in self._tier.remove_user(uid)}
             for sid in in_memory:
                 self._dirty.discard(sid)
-            self._epoch += 1
+            self._deleted(on_disk | in_memory)
             return len(on_disk | in_memory)
 
         count = await self._worker.call(erase)
         ACCESS.info("erased user=%s sessions=%d", uid, count)
         return count
 
-    def _conflicted(self, session: _Session, deleted: bool) -> None:
-        """Another writer won: keep this instance's version for the caller, and drop the
-        session from memory so that the next access loads the winner's. If the winner
-        deleted it (an erasure on another instance), this instance's copy goes too."""
-        if self._in_memory.get(session.id) is session:
-            self._forget(session.id)
-        self._epoch += 1
-        if deleted:
-            LOG.warning("session %s was deleted by another writer; dropped here too", session.id)
-            return
-        record = session.snapshot()
-        self._conflicts[session.id] = record
-        LOG.warning(
-            "session %s was changed by another writer; this instance's version (%d messages) is "
-            "kept in take_conflicts() and the next access loads the winner's",
-            session.id,
-            len(record.messages),
-        )
-
-    def take_conflicts(self) -> dict[str, SessionRecord]:
-        """The versions of sessions that lost a write conflict since the last call (this
-        instance's, not written); the caller decides whether to re-apply anything."""
-        conflicts, self._conflicts = self._conflicts, {}
-        return conflicts
+    async def _merge_conflicts(self, lost: list[Taken]) -> list[str]:
+        """Another writer changed these sessions since this instance last read them (the
+        flush worker found their versions moved). Merge this instance's messages after the
+        winner's and return the ids to write again; a session the winner deleted (an
+        erasure elsewhere) is dropped here too. Never a silent side channel: each is logged.
+        """
+        again: list[str] = []
+        for taken in lost:
+            sid = taken.delta.record.id
+            entry = self._tier.peek(sid)
+            if entry is not taken.session:
+                continue  # deleted or replaced meanwhile
+            winner = await self._backend.load_session(sid)
+            if self._tier.peek(sid) is not entry:
+                continue
+            self._merges += 1
+            if winner is None:
+                LOG.warning("session %s was deleted by another writer; dropped here too", sid)
+                self._forget(sid)
+                self._deleted([sid])
+                continue
+            merged = merge_sessions(winner, entry.snapshot())
+            replacement = self._tier.insert(merged.record)
+            self._dirty.adopt(replacement, winner.version)
+            self._dirty.mark_full(sid)
+            again.append(sid)
+            LOG.warning(
+                "session %s was also written by another writer (version %d): %d of this "
+                "instance's messages appended after its %d (%d re-numbered), %d edits kept",
+                sid,
+                winner.version,
+                merged.appended,
+                len(winner.messages),
+                merged.resequenced,
+                merged.updated,
+            )
+        return again
 
     def _forget(self, session_id: str) -> None:
-        self._hot._remove(session_id)
         self._dirty.discard(session_id)
+        self._tier.remove(session_id)
+
+    # -- several instances (PostgreSQL): ownership ---------------------------------------------
+
+    @staticmethod
+    def _read_elsewhere(session_id: str, user_id: UserId | None, record: SessionRecord) -> SessionRecord:
+        """A session read from the database while another instance keeps it: the caller's
+        (signed in: anonymous sessions are not shared), or the `NotFound` of a missing one."""
+        if record.user_id is None or record.user_id != user_id:
+            raise NotFound(session_id)
+        if ACCESS.isEnabledFor(logging.INFO):
+            ACCESS.info("read session=%s user=%s (kept by another instance)", session_id, user_id)
+        return record
+
+    def hold(self, session_id: str) -> AbstractAsyncContextManager[None]:
+        """`async with store.hold(session_id):` around producing a reply into the session.
+
+        While held, this instance keeps the session: another instance that needs it for a
+        write waits until the last hold ends (then the session is flushed and handed over);
+        one that reads it meanwhile gets it flushed and reads it from the database. Costs a
+        dict update, no I/O; any number of holds may overlap. Does not load the session.
+        With one instance per database (SQLite) it changes nothing.
+        """
+        return self._holds(check_id("session_id", session_id))
+
+    def _went(self, session_id: str) -> None:
+        """The session was let go: a miss taking it meanwhile takes it again."""
+        if session_id in self._watching:
+            self._gone[session_id] = self._gone.get(session_id, 0) + 1
+
+    async def _let_go(self, session_id: str, wait: bool) -> bool:
+        """Another instance asks for the session: flush it and drop it from the hot tier.
+
+        Returns True once it is neither in memory nor being loaded here; from that return
+        to the ownership's release of it there is no await. A session a reply is streaming
+        into (`hold()`) is kept until its holds end; with `wait` False it is only flushed
+        and False returned (also for one that keeps being written outside a hold). Raises
+        what the flush raises (StorageError): the session stays here.
+        """
+        flushes = 0
+        while True:
+            load = self._loading.get(session_id)
+            if load is not None and not load.done():
+                await asyncio.wait([load])
+                continue
+            entry = self._tier.peek(session_id)
+            if entry is None or not self._persists(entry):
+                # Not here (evicted: the claim was kept lazily), or never persisted (an
+                # anonymous session of this instance only): nothing to hand over.
+                self._went(session_id)
+                return True
+            held = self._holds.held(session_id)
+            if held and wait:
+                await self._holds.ended(session_id)
+                continue
+            if self._dirty.holds(session_id):
+                if session_id in self._dirty.poisoned():
+                    raise StorageError(
+                        f"session {session_id!r} cannot be handed over: the backend refuses its data"
+                    )
+                if wait or flushes < _LET_GO_FLUSHES:
+                    flushes += 1
+                    await self._worker.sync()
+                    continue
+                return False
+            if held:
+                return False
+            self._forget(session_id)
+            self._went(session_id)
+            return True
 
     def stats(self) -> StoreStats:
         hot = self._hot.stats()
@@ -656,32 +964,57 @@ class WriteBehindStore:
             backpressure_rejections=self._rejections,
             poisoned_sessions=worker.poisoned_sessions,
             sessions_purged=self._purged,
-            conflicts=len(self._conflicts),
+            conflicts=self._merges,
             last_cleanup_at=self._last_cleanup_at,
         )
 
     # -- the user's rights and the operator's tools -------------------------------------------
 
     async def export_user(self, user_id: UserId) -> AsyncIterator[SessionRecord]:
-        """Every session of the user, whole, from memory and disk: memory's newer state wins
-        and nothing comes twice. Streams: only a few sessions are held at a time. Secrets
-        are never in what `encode_record` makes of these."""
+        """Every session of the user, whole, exactly once: each that exists from the start of
+        the export to its end, whatever the consumer's pace and whatever the LRU evicts
+        meanwhile. Memory's newer state wins over the disk's. Streams: only a page of
+        sessions is held at a time. Secrets are never in what `encode_record` makes of these.
+        """
         self._require_running()
-        uid = _require_user(user_id)
-        in_memory = [s.id for s in self._hot._sessions_of(uid)]
+        uid = require_user(user_id)
+        # In memory at the start: each is yielded from the disk pass, or after it (from
+        # memory, or from disk if it was flushed and evicted meanwhile). The disk pass
+        # pages by id, so it yields each stored session once; only the ids owed from
+        # memory need remembering (a 10,000-session export must not hold 10,000 ids).
+        owed = self._tier.session_ids_of(uid)
         count = 0
-        for sid in in_memory:
-            session = self._in_memory.get(sid)
-            if session is not None and session.user_id == uid:
-                count += 1
-                yield session.snapshot()
-        seen = set(in_memory)
         async for record in self._backend.iter_user_sessions(uid):
-            if record.id in seen:
+            entry = self._tier.peek(record.id)  # memory is newer
+            if entry is None and record.id in owed:
+                # It had writes in memory at the start and was flushed and evicted since:
+                # the page may predate that flush, so read it again.
+                fresh = await self._backend.load_session(record.id)
+                entry = self._tier.peek(record.id)
+                if entry is None:
+                    owed.discard(record.id)
+                    if fresh is not None and fresh.user_id == uid:
+                        count += 1
+                        yield fresh
+                    continue
+            if entry is not None and entry.user_id != uid:
                 continue
-            hot = self._in_memory.get(record.id)  # loaded meanwhile: memory is newer
+            owed.discard(record.id)
             count += 1
-            yield hot.snapshot() if hot is not None and hot.user_id == uid else record
+            yield entry.snapshot() if entry is not None else record
+        for sid in sorted(owed):
+            entry = self._tier.peek(sid)
+            if entry is None:
+                loaded = await self._backend.load_session(sid)  # flushed and evicted meanwhile
+                entry = self._tier.peek(sid)
+                if entry is None:
+                    if loaded is not None and loaded.user_id == uid:
+                        count += 1
+                        yield loaded
+                    continue  # deleted meanwhile: it did not exist to the end
+            if entry.user_id == uid:
+                count += 1
+                yield entry.snapshot()
         ACCESS.info("exported user=%s sessions=%d", uid, count)
 
     def export_user_json(self, user_id: UserId) -> AsyncIterator[bytes]:
@@ -691,9 +1024,12 @@ class WriteBehindStore:
     async def purge_expired(self, now: datetime | None = None) -> int:
         """Delete sessions idle for longer than `retention_days`, from disk and memory, in
         small transactions; returns how many. Runs every `cleanup_interval_hours` on its
-        own; an active session is never removed, even one whose disk row is stale."""
+        own; an active session is never removed, even one whose disk row is stale.
+
+        `now` (default: the current time) must be a timezone-aware datetime.
+        """
         self._require_running()
-        cutoff = (now or utcnow()) - timedelta(days=self.config.retention_days)
+        cutoff = _cutoff(utcnow() if now is None else now, self.config.retention_days)
         total = 0
         while True:
             deleted, removed = await self._worker.call(lambda: self._purge_chunk(cutoff))
@@ -707,50 +1043,51 @@ class WriteBehindStore:
         return total
 
     async def _purge_chunk(self, cutoff: datetime) -> tuple[int, int]:
-        """One transaction of retention: (rows the disk deleted, sessions really removed)."""
+        """One transaction of retention: (rows the disk deleted, sessions really removed).
+
+        Once the DELETE has committed, the rest is plain bookkeeping on validated values
+        that cannot raise, so a purge is never left half done.
+        """
         ids = await self._backend.purge_older_than(cutoff, limit=_PURGE_CHUNK)
         removed = 0
         for sid in ids:
-            session = self._in_memory.get(sid)
-            if session is not None and (session.last_access_at >= cutoff or self._dirty.holds(sid)):
+            entry = self._tier.peek(sid)
+            if entry is not None and (entry.last_access_at >= cutoff or self._dirty.holds(sid)):
                 # Active in memory, only its disk row was old: write it back whole, as a
                 # new row (this purge deleted the old one). Not counted as purged.
-                session.version = 0
-                self._dirty.mark_full(sid)
+                self._dirty.rewrite(entry)
                 continue
-            if session is not None:
+            if entry is not None:
                 self._forget(sid)
             removed += 1
-        if ids:
-            self._epoch += 1
+        self._deleted(ids)
         return len(ids), removed
 
     def _purge_memory(self, cutoff: datetime) -> int:
         """Signed-in sessions idle past the cutoff that are only in memory (clean, so they
         were on disk and just went): none should be left, but drop any that are."""
-        stale = [
-            sid
-            for sid, s in self._in_memory.items()
-            if s.user_id is not None and s.last_access_at < cutoff and not self._dirty.holds(sid)
-        ]
+        stale = [e.id for e in self._tier.idle_signed_in(cutoff) if not self._dirty.holds(e.id)]
         for sid in stale:
             self._forget(sid)
         return len(stale)
 
     async def backup(self, dest: str | Path) -> None:
         """Flush, then write a consistent online copy of the database to `dest` (0600),
-        checked with `integrity_check`. Only for backends that can (SQLite)."""
+        checked with `integrity_check`. Only for backends that can (SQLite). The copy reads
+        a snapshot: flushes and deletes go on meanwhile."""
         self._require_running()
         backup = getattr(self._backend, "backup", None)
         if backup is None:
             raise StorageError(f"{type(self._backend).__name__} has no backup; use the database's tools")
         await self.flush()
-        await self._worker.call(lambda: backup(dest))
+        await backup(dest)
         LOG.info("backup written to %s", dest)
 
     # -- background housekeeping ---------------------------------------------------------------
 
     async def _housekeep(self) -> None:
+        """Retention on its interval and the anonymous TTL sweep. Any failure is logged and
+        the task carries on: it must never be what stops a shutdown's final flush."""
         period = max(0.5, min(60.0, self.config.anon_ttl_seconds / 2))
         loop = asyncio.get_running_loop()
         cleanup_every = self.config.cleanup_interval_hours * 3600
@@ -760,11 +1097,28 @@ class WriteBehindStore:
                 next_cleanup = loop.time() + cleanup_every
                 try:
                     await self.purge_expired()
-                except WriteBehindError as exc:
-                    LOG.warning("retention cleanup failed, retrying next time: %s", exc)
+                except Exception:
+                    LOG.exception("retention cleanup failed; retrying at the next interval")
             await asyncio.sleep(min(period, max(0.0, next_cleanup - loop.time())))
             expired = 1000
             while expired == 1000:
                 # In slices, yielding between them, so requests never wait behind a sweep.
-                expired = self._hot._expire_idle(limit=1000)
+                try:
+                    expired = self._tier.expire_idle(limit=1000)
+                except Exception:
+                    LOG.exception("the anonymous-session sweep failed; retrying later")
+                    break
                 await asyncio.sleep(0)
+
+
+def _cutoff(now: object, retention_days: int) -> datetime:
+    """`now` minus the retention period, checked: an aware datetime, not so early that the
+    subtraction leaves the calendar."""
+    if not isinstance(now, datetime):
+        raise ValidationError("now", f"must be a datetime, not {type(now).__name__}")
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise ValidationError("now", "must be timezone-aware (UTC), not naive")
+    try:
+        return now.astimezone(UTC) - timedelta(days=retention_days)
+    except OverflowError:
+        raise ValidationError("now", f"is too early for a retention of {retention_days} days") from None

@@ -296,10 +296,10 @@ async def test_no_spin_when_the_failed_data_is_deleted_before_the_retry(db_path:
         cycles = 0
         flush_all = store._worker.flush_all
 
-        async def counted() -> None:
+        async def counted(*, throttle: bool = True) -> None:
             nonlocal cycles
             cycles += 1
-            await flush_all()
+            await flush_all(throttle=throttle)
 
         store._worker.flush_all = counted  # type: ignore[method-assign]
         await asyncio.sleep(0.3)

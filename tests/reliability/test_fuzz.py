@@ -135,7 +135,7 @@ def test_every_call_succeeds_or_raises_a_typed_error_and_changes_nothing(
     name, kwargs = call
     if kwargs.get("session_id") == "seed" or kwargs.get("user_id") == 1:
         kwargs["user_id"] = 2  # leave the seed session's owner alone so it can be compared
-    seed = store.hot._peek("seed").snapshot()
+    seed = store.hot.tier.peek("seed").snapshot()
     dirty = store.stats().dirty_sessions
     counter["calls"] += 1
     try:
@@ -147,7 +147,7 @@ def test_every_call_succeeds_or_raises_a_typed_error_and_changes_nothing(
             assert str(exc).startswith(f"{exc.field}: ")
         else:
             assert isinstance(exc, NotFound), repr(exc)
-        assert store.hot._peek("seed").snapshot() == seed
+        assert store.hot.tier.peek("seed").snapshot() == seed
         assert store.stats().dirty_sessions == dirty
     loop.run_until_complete(store.flush())
     assert ("seed", 1, "seed content") in disk(db_path)

@@ -62,9 +62,15 @@ class Backend(Protocol):
 
     async def close(self) -> None: ...
 
-    async def write_batch(self, deltas: Sequence[SessionDelta]) -> BatchResult:
+    async def write_batch(
+        self, deltas: Sequence[SessionDelta], touches: Sequence[tuple[str, datetime]] = ()
+    ) -> BatchResult:
         """Upsert all deltas in one transaction: all of it lands, or none of it, except the
-        sessions whose version conflicts, which are left out and reported."""
+        sessions whose version conflicts, which are left out and reported.
+
+        `touches` move sessions' `last_access_at` forward (never back) in the same
+        transaction, without a version check or change: a read is not a write, and must
+        not turn another writer's next flush into a conflict."""
 
     async def load_session(self, session_id: str) -> SessionRecord | None: ...
 

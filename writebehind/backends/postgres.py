@@ -14,15 +14,18 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
-import orjson
 
 from ..errors import SchemaError, StorageError
 from ..model import SessionRecord, SessionSummary, StoredMessage, UserId
 from .base import BatchResult, RecordError, SessionDelta, check_versions
+
+if TYPE_CHECKING:
+    from .pg_ownership import PostgresOwnership
 
 __all__ = ["SCHEMA_VERSION", "PostgresBackend"]
 
@@ -63,6 +66,24 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         PRIMARY KEY (session_id, seq)
     );
     """,
+    # 2: one owner per session across app instances (see pg_ownership.py). An instance is
+    # alive while it holds the advisory lock `lock_key` (its id in this schema's namespace);
+    # `owners` says which instance owns a session, whether or not its row exists yet.
+    """
+    CREATE SEQUENCE {s}.instance_ids;
+    CREATE UNLOGGED TABLE {s}.instances (
+        id         bigint PRIMARY KEY,
+        lock_key   bigint NOT NULL UNIQUE,
+        pid        integer NOT NULL,
+        host       text NOT NULL,
+        started_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE UNLOGGED TABLE {s}.owners (
+        session_id text PRIMARY KEY,
+        owner      bigint NOT NULL
+    );
+    CREATE INDEX owners_owner ON {s}.owners (owner);
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -80,12 +101,26 @@ def _from_user(kind: int | None, value: str | None) -> UserId | None:
 
 
 class PostgresBackend:
-    def __init__(self, dsn: str, *, schema: str = "writebehind", pool_size: int = 10) -> None:
+    """`handoff_timeout_s` / `hold_timeout_s` bound how long a store waits for another
+    instance to hand a session over (see `pg_ownership`): for its answer, and for a reply
+    streaming into the session there to end. Either raises `OwnershipError`."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = "writebehind",
+        pool_size: int = 10,
+        handoff_timeout_s: float = 5.0,
+        hold_timeout_s: float = 120.0,
+    ) -> None:
         if _IDENT.fullmatch(schema) is None:
             raise ValueError(f"schema must be a lower-case SQL identifier, got {schema!r}")
         self.dsn = dsn
         self.schema = schema
         self._pool_size = pool_size
+        self._handoff_timeout = handoff_timeout_s
+        self._hold_timeout = hold_timeout_s
         self._pool: asyncpg.Pool | None = None
         s = schema
         columns = (
@@ -114,6 +149,13 @@ class PostgresBackend:
             "id, user_kind, user_id, created_at, updated_at, last_access_at, status, title, "
             "client_ip, user_agent, version"
         )
+        self._load_one = f"""
+            SELECT s.id, s.user_kind, s.user_id, s.created_at, s.updated_at, s.last_access_at,
+                   s.status, s.title, s.client_ip, s.user_agent, s.version, m.seq,
+                   m.id AS message_id, m.role, m.content, m.created_at AS message_created_at,
+                   m.updated_at AS message_updated_at, m.metadata
+            FROM {s}.sessions s LEFT JOIN {s}.messages m ON m.session_id = s.id
+            WHERE s.id = $1 ORDER BY m.seq"""
 
     def __repr__(self) -> str:
         return f"PostgresBackend(schema={self.schema!r})"
@@ -173,18 +215,37 @@ class PostgresBackend:
             raise StorageError(f"{self!r} is not open")
         return self._pool.acquire()
 
+    @asynccontextmanager
+    async def connection(self, what: str) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection, its errors mapped as every method's (`what` names the
+        operation in them). For this package's session ownership."""
+        async with _errors(what), self._acquire() as conn:
+            yield conn
+
+    def ownership(self) -> PostgresOwnership:
+        """A new, unstarted session ownership for a store on this backend: several stores
+        (app instances) share a schema, each session owned by one at a time."""
+        from .pg_ownership import PostgresOwnership
+
+        return PostgresOwnership(
+            self, answer_timeout_s=self._handoff_timeout, hold_timeout_s=self._hold_timeout
+        )
+
     # -- writes ------------------------------------------------------------------------------
 
-    async def write_batch(self, deltas: Sequence[SessionDelta]) -> BatchResult:
-        if not deltas:
+    async def write_batch(
+        self, deltas: Sequence[SessionDelta], touches: Sequence[tuple[str, datetime]] = ()
+    ) -> BatchResult:
+        if not deltas and not touches:
             return BatchResult({})
         s = self.schema
         async with _errors("write_batch"), self._acquire() as conn, conn.transaction():
             # Lock the rows this batch updates: another instance's write or delete of them
-            # waits for this commit, so the versions read here stay true until then.
+            # waits for this commit, so the versions read here stay true until then. In id
+            # order, so that two instances locking overlapping batches cannot deadlock.
             rows = await conn.fetch(
-                f"SELECT id, version FROM {s}.sessions WHERE id = ANY($1) FOR UPDATE",
-                [d.record.id for d in deltas],
+                f"SELECT id, version FROM {s}.sessions WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+                sorted({d.record.id for d in deltas} | {sid for sid, _ in touches}),
             )
             current = {row["id"]: row["version"] for row in rows}
             written, conflicts = check_versions(deltas, current)
@@ -212,13 +273,21 @@ class PostgresBackend:
                     m.content,
                     m.created_at,
                     m.updated_at,
-                    None if m.metadata is None else orjson.dumps(m.metadata).decode(),
+                    m.metadata_json,
                 )
                 for d in written
                 for m in d.messages
             ]
             if message_rows:
                 await conn.executemany(self._upsert_message, message_rows)
+            if touches:
+                ordered = sorted(touches)  # rows already locked above, in id order
+                await conn.execute(
+                    f"UPDATE {s}.sessions AS t SET last_access_at = greatest(t.last_access_at, u.at) "
+                    "FROM unnest($1::text[], $2::timestamptz[]) AS u(id, at) WHERE t.id = u.id",
+                    [sid for sid, _ in ordered],
+                    [at for _, at in ordered],
+                )
         deleted = frozenset(
             d.record.id
             for d in deltas
@@ -284,13 +353,38 @@ class PostgresBackend:
     # -- reads -------------------------------------------------------------------------------
 
     async def load_session(self, session_id: str) -> SessionRecord | None:
-        async with (
-            _errors("load_session"),
-            self._acquire() as conn,
-            conn.transaction(isolation="repeatable_read", readonly=True),
-        ):
-            page = await self._load(conn, [session_id])
-        return page[0] if page else None
+        # One statement, so one snapshot and one round trip (a transaction around two
+        # SELECTs took four): this is every miss's cost, and a handoff's.
+        async with _errors("load_session"), self._acquire() as conn:
+            rows = await conn.fetch(self._load_one, session_id)
+        if not rows:
+            return None
+        row = rows[0]
+        return SessionRecord(
+            id=row["id"],
+            user_id=_from_user(row["user_kind"], row["user_id"]),
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            last_access_at=row["last_access_at"],
+            status=row["status"],
+            title=row["title"],
+            messages=tuple(
+                StoredMessage(
+                    id=m["message_id"],
+                    seq=m["seq"],
+                    role=m["role"],
+                    content=m["content"],
+                    created_at=m["message_created_at"],
+                    updated_at=m["message_updated_at"],
+                    metadata_json=m["metadata"],
+                )
+                for m in rows
+                if m["seq"] is not None
+            ),
+            client_ip=row["client_ip"],
+            user_agent=row["user_agent"],
+            version=row["version"],
+        )
 
     async def _load(self, conn: asyncpg.Connection, ids: list[str]) -> list[SessionRecord]:
         s = self.schema
@@ -313,7 +407,7 @@ class PostgresBackend:
                     content=m["content"],
                     created_at=m["created_at"],
                     updated_at=m["updated_at"],
-                    metadata=None if m["metadata"] is None else orjson.loads(m["metadata"]),
+                    metadata_json=m["metadata"],
                 )
             )
         return [

@@ -1,33 +1,44 @@
-"""`SQLiteBackend`: the embedded default, on aiosqlite, in WAL mode.
+"""`SQLiteBackend`: the embedded default, in WAL mode.
 
-Two connections, each with its own thread: the writer (used only by the store's
-flush worker, one transaction per batch) and a read-only reader, so that loads
-and listings are never queued behind a flush and, thanks to WAL, never blocked
-by one.
+One store per file: a store holds the file's lock (`ownership.FileLock`) from `open()` to
+`close()`; a second store, in this process or another, is refused with
+`DatabaseLockedError`. `readonly=True` opens the file beside a running store, with no lock,
+no migration and no write: the command line's reading verbs use it.
+
+Two connections, each with its own thread: the writer (aiosqlite, used only by the
+store's flush worker, one transaction per batch) and a read-only reader, so that loads
+and listings are never queued behind a flush and, thanks to WAL, never blocked by one.
+Every read job (a load, a page of an export) crosses into the reader's thread as one
+callable, its read transaction included, so a cancelled caller cannot leave it open.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
+from functools import partial
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import aiosqlite
-import orjson
 
 from ..config import SYNCHRONOUS_MODES
 from ..errors import SchemaError, StorageError
 from ..model import SessionRecord, SessionSummary, StoredMessage, UserId, from_micros, to_micros
+from ..ownership import FileLock
 from .base import BatchResult, RecordError, SessionDelta, check_versions
 from .migrations import SQLITE as MIGRATIONS
 
 __all__ = ["SCHEMA_VERSION", "SQLiteBackend"]
 
+T = TypeVar("T")
 LOG = logging.getLogger("writebehind")
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 _EXPORT_PAGE: Final = 50
@@ -48,14 +59,26 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (session_id, seq) DO UPDATE SET
     content = excluded.content, updated_at = excluded.updated_at, metadata = excluded.metadata
 """
+_TOUCH: Final = "UPDATE sessions SET last_access_at = max(last_access_at, ?1) WHERE id = ?2"
 _SESSION_COLUMNS: Final = (
     "id, user_id, created_at, updated_at, last_access_at, status, title, client_ip, user_agent, version"
+)
+# One statement, so one snapshot: read apart, a migration committing in between would
+# show a version 0 file with tables, "someone else's database".
+_SCHEMA_STATE: Final = (
+    "SELECT (SELECT user_version FROM pragma_user_version), "
+    "(SELECT count(*) FROM sqlite_master WHERE type = 'table')"
 )
 _SUMMARY_COLUMNS: Final = "id, user_id, title, status, created_at, updated_at, last_access_at, message_count"
 
 
 class SQLiteBackend:
     """A SQLite database file, created mode 0600, schema versioned by `PRAGMA user_version`.
+
+    One store per file: `open()` takes the file's lock (`<db>.lock`, released by `close()`
+    or by the kernel when the process ends) and raises `DatabaseLockedError` if another
+    store holds it. `readonly=True` is for tools that read beside a running store: no
+    lock, no migration, no write; its write methods raise `StorageError`.
 
     `synchronous` is SQLite's: NORMAL (the default) in WAL mode never corrupts the file
     but may lose the last transactions on power loss; FULL survives power loss too.
@@ -70,51 +93,128 @@ class SQLiteBackend:
         synchronous: str = "NORMAL",
         busy_timeout_ms: int = 5000,
         secure_delete: bool = True,
+        readonly: bool = False,
     ) -> None:
         mode = synchronous.upper()
         if mode not in SYNCHRONOUS_MODES:
             raise ValueError(f"synchronous must be one of {SYNCHRONOUS_MODES}, got {synchronous!r}")
         self.path = Path(path)
+        self.readonly = readonly
         self._synchronous = mode
         self._busy_timeout_ms = busy_timeout_ms
         self._secure_delete = secure_delete
+        self._lock = FileLock(self.path)
         self._writer: aiosqlite.Connection | None = None
-        self._reader: aiosqlite.Connection | None = None
-        # Reads share one connection; a load is BEGIN..COMMIT, which must not interleave.
-        self._read_lock = asyncio.Lock()
+        self._reader: _Reader | None = None
+        # Read-only, on a file no store has migrated yet: its reads answer as an empty store
+        # until one has. Only read and written in the reader's thread.
+        self._unmigrated = False
 
     def __repr__(self) -> str:
-        return f"SQLiteBackend({str(self.path)!r})"
+        return f"SQLiteBackend({str(self.path)!r}{', readonly=True' if self.readonly else ''})"
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> None:
-        if self._writer is not None:
+        """Open the file as its one store (the default), or read-only.
+
+        As a store: take the file's lock first (`DatabaseLockedError` if another store
+        holds it, in this process or another), create the file (0600) if it is missing,
+        switch it to WAL and migrate it. A file it cannot use raises `SchemaError`, its
+        bytes untouched.
+
+        Read-only: no lock, no migration, no write (SQLite opens the file read-only). A
+        missing file raises `StorageError`; one that no store has migrated yet reads as an
+        empty store. Either way, a failed open leaves nothing open and nothing locked.
+        """
+        if self._reader is not None:
             return
-        _create_private(self.path)
-        writer = await aiosqlite.connect(self.path, isolation_level=None)
+        if self.readonly:
+            await self._open_readonly()
+            return
+        self._lock.acquire()
+        writer: aiosqlite.Connection | None = None
+        reader = _Reader()
         try:
+            _create_private(self.path)
+            writer = await aiosqlite.connect(self.path, isolation_level=None)
             await self._check_and_migrate(writer)
-            reader = await aiosqlite.connect(self.path, isolation_level=None)
-            try:
-                await reader.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
-                await reader.execute("PRAGMA query_only = ON")
-            except BaseException:
-                await reader.close()
-                raise
+            await reader.connect(str(self.path), uri=False, busy_timeout_ms=self._busy_timeout_ms)
         except BaseException:
-            await writer.close()
+            try:
+                await reader.close()
+                if writer is not None:
+                    await writer.close()
+            finally:
+                self._lock.release()
             raise
         self._writer, self._reader = writer, reader
 
+    async def _open_readonly(self) -> None:
+        if not self.path.exists():
+            raise StorageError(f"{self.path} does not exist")
+        reader = _Reader()
+        try:
+            # mode=ro: SQLite itself refuses every write, and never creates the file.
+            uri = self.path.absolute().as_uri() + "?mode=ro"
+            try:
+                await reader.connect(uri, uri=True, busy_timeout_ms=self._busy_timeout_ms)
+            except sqlite3.Error as exc:
+                raise StorageError(f"{self.path}: cannot open it read-only: {exc}") from exc
+            await reader.run(self._check_readable)
+        except BaseException:
+            await reader.close()
+            raise
+        self._reader = reader
+
+    def _check_readable(self, conn: sqlite3.Connection) -> None:
+        # In the reader's thread.
+        try:
+            version, tables = conn.execute(_SCHEMA_STATE).fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise self._unreadable(exc) from exc
+        self._refuse(version, tables)
+        if 0 < version < SCHEMA_VERSION:
+            raise SchemaError(
+                f"{self.path} has schema version {version}, older than this writebehind's "
+                f"({SCHEMA_VERSION}); the app migrates it when it starts (or run `writebehind "
+                "migrate` while the app is stopped). The file was left untouched."
+            )
+        self._unmigrated = version == 0
+
     async def _check_and_migrate(self, conn: aiosqlite.Connection) -> None:
+        # First, so that every step below waits for another connection's lock (up to the
+        # timeout) instead of failing at once.
+        await conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
         # Read before writing anything: a file that is not a database, or one from a newer
         # version, must be refused with its bytes untouched.
+        version, tables = await self._schema_state(conn)
+        self._refuse(version, tables)
+        await self._switch_to_wal(conn)
+        await conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        await conn.execute("PRAGMA foreign_keys = ON")
+        await conn.execute(f"PRAGMA secure_delete = {'ON' if self._secure_delete else 'OFF'}")
+        if version < SCHEMA_VERSION:
+            await self._migrate(conn)
+
+    async def _schema_state(self, conn: aiosqlite.Connection) -> tuple[int, int]:
+        """(`user_version`, how many tables)."""
         try:
-            version = await _scalar(conn, "PRAGMA user_version")
-            tables = await _scalar(conn, "SELECT count(*) FROM sqlite_master WHERE type = 'table'")
+            async with conn.execute(_SCHEMA_STATE) as cursor:
+                row = await cursor.fetchone()
         except sqlite3.DatabaseError as exc:
-            raise SchemaError(f"{self.path} is not a SQLite database ({exc}); left untouched") from exc
+            raise self._unreadable(exc) from exc
+        assert row is not None  # a SELECT of two scalars always has its row
+        return int(row[0]), int(row[1])
+
+    def _unreadable(self, exc: sqlite3.DatabaseError) -> StorageError:
+        # Only what SQLite calls not a database, or corrupt, is the file's fault: locked,
+        # unreadable, or a directory that refuses the -shm file is not.
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
+            return SchemaError(f"{self.path} is not a SQLite database ({exc}); left untouched")
+        return StorageError(f"{self.path}: cannot read the schema version: {exc}")
+
+    def _refuse(self, version: int, tables: int) -> None:
         if version > SCHEMA_VERSION:
             raise SchemaError(
                 f"{self.path} has schema version {version}, newer than this writebehind "
@@ -125,106 +225,182 @@ class SQLiteBackend:
                 f"{self.path} is a SQLite database of something else ({tables} tables, no "
                 "writebehind schema); left untouched"
             )
-        await conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
-        mode = await _scalar(conn, "PRAGMA journal_mode = WAL")
+
+    async def _switch_to_wal(self, conn: aiosqlite.Connection) -> None:
+        # While another connection holds the write lock of a file still in rollback mode,
+        # `journal_mode = WAL` fails at once with "database is locked": SQLite does not call
+        # the busy handler there. So wait as busy_timeout would: retry until it expires.
+        deadline = time.monotonic() + self._busy_timeout_ms / 1000
+        delay = 0.005
+        while True:
+            try:
+                mode = await _scalar(conn, "PRAGMA journal_mode = WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() >= deadline:
+                    raise StorageError(f"{self.path}: could not switch to WAL mode: {exc}") from exc
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
         if str(mode).lower() != "wal":
             raise StorageError(f"{self.path}: could not switch to WAL mode (got {mode!r})")
-        await conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-        await conn.execute("PRAGMA foreign_keys = ON")
-        await conn.execute(f"PRAGMA secure_delete = {'ON' if self._secure_delete else 'OFF'}")
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            script = MIGRATIONS[target - 1]
+
+    async def _migrate(self, writer: aiosqlite.Connection) -> None:
+        """Every pending migration in one transaction: all of them, or none."""
+
+        def migrate(conn: sqlite3.Connection) -> int:
+            # Read again under the write lock: another process (one that takes no
+            # writebehind lock: an older version, a script) may have migrated it since.
             try:
-                await conn.executescript(
-                    f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {target};\nCOMMIT;"
-                )
-            except sqlite3.Error as exc:
-                if conn.in_transaction:
-                    await conn.rollback()
-                raise StorageError(f"{self.path}: migration to version {target} failed: {exc}") from exc
-            LOG.info("migrated %s to schema version %d", self.path, target)
+                version, tables = _schema_state(conn)
+            except sqlite3.DatabaseError as exc:
+                raise self._unreadable(exc) from exc
+            self._refuse(version, tables)
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _statements(MIGRATIONS[target - 1]):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {target}")
+            return version
+
+        version = await self._write("migration", migrate, writer)
+        if version < SCHEMA_VERSION:
+            LOG.info("migrated %s from schema version %d to %d", self.path, version, SCHEMA_VERSION)
 
     async def close(self) -> None:
+        """Close the connections, then let go of the file: another store may open it as soon
+        as this returns. Idempotent."""
         writer, reader = self._writer, self._reader
         self._writer = self._reader = None
-        for conn in (reader, writer):
-            if conn is not None:
-                await conn.close()
+        try:
+            if reader is not None:
+                await reader.close()
+            if writer is not None:
+                await writer.close()
+        finally:
+            self._lock.release()
 
     @property
     def writer(self) -> aiosqlite.Connection:
         """The writing connection, for diagnostics (trace callbacks, `total_changes`)."""
         if self._writer is None:
-            raise StorageError(f"{self!r} is not open")
+            raise StorageError(f"{self!r} is {'read-only' if self.readonly else 'not open'}")
         return self._writer
 
-    def _reading(self) -> aiosqlite.Connection:
+    def _reading(self) -> _Reader:
         if self._reader is None:
             raise StorageError(f"{self!r} is not open")
         return self._reader
 
     # -- writes (the flush worker's) ---------------------------------------------------------
 
-    async def write_batch(self, deltas: Sequence[SessionDelta]) -> BatchResult:
-        if not deltas:
+    async def write_batch(
+        self, deltas: Sequence[SessionDelta], touches: Sequence[tuple[str, datetime]] = ()
+    ) -> BatchResult:
+        if not deltas and not touches:
             return BatchResult({})
-        # Rows are built on the event loop: about half a microsecond a message, and the
-        # worker bounds a batch's size. Overlapping the building with the previous chunk's
-        # execution in the connection's thread was measured and gained nothing.
-        async with self._transaction("write_batch") as conn:
+
+        # The whole transaction is one job in the writer's thread: one hop there and back
+        # instead of one per statement (an event loop busy with streams delayed each hop, and
+        # a 5 ms batch took 500 ms under load), rows built off the event loop, and no
+        # cancellation can leave it half done.
+        def write(conn: sqlite3.Connection) -> BatchResult:
             # BEGIN IMMEDIATE holds the write lock: the versions read here cannot change
             # before this transaction commits.
             current: dict[str, int] = {}
             ids = [d.record.id for d in deltas]
             for start in range(0, len(ids), 500):
                 part = ids[start : start + 500]
-                rows = await conn.execute_fetchall(
+                rows = conn.execute(
                     f"SELECT id, version FROM sessions WHERE id IN ({','.join('?' * len(part))})", part
                 )
-                current.update((row[0], row[1]) for row in rows)
+                current.update(rows)
             written, conflicts = check_versions(deltas, current)
             if written:
-                await conn.executemany(_UPSERT_SESSION, [_session_row(d) for d in written])
-                message_rows = _message_rows(written)
-                if message_rows:
-                    await conn.executemany(_UPSERT_MESSAGE, message_rows)
-        return BatchResult(
-            {d.record.id: d.record.version + 1 for d in written},
-            conflicts,
-            frozenset(sid for sid in conflicts if sid not in current),
-        )
+                conn.executemany(_UPSERT_SESSION, [_session_row(d) for d in written])
+                conn.executemany(_UPSERT_MESSAGE, _message_rows(written))
+            if touches:
+                conn.executemany(_TOUCH, [(to_micros(at), sid) for sid, at in touches])
+            return BatchResult(
+                {d.record.id: d.record.version + 1 for d in written},
+                conflicts,
+                frozenset(sid for sid in conflicts if sid not in current),
+            )
+
+        return await self._write("write_batch", write)
 
     async def delete_session(self, session_id: str, user_id: UserId | None) -> bool:
-        async with self._transaction("delete_session") as conn:
+        def delete(conn: sqlite3.Connection) -> bool:
             if user_id is None:
-                cursor = await conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+                cursor = conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
             else:
-                cursor = await conn.execute(
+                cursor = conn.execute(
                     "DELETE FROM sessions WHERE id = ? AND user_id = ?", (session_id, user_id)
                 )
-            deleted = cursor.rowcount > 0
+            return cursor.rowcount > 0
+
+        deleted = await self._write("delete_session", delete)
         if deleted:
             await self._scrub()
         return deleted
 
     async def delete_user(self, user_id: UserId) -> list[str]:
-        async with self._transaction("delete_user") as conn:
-            rows = await conn.execute_fetchall(
-                "DELETE FROM sessions WHERE user_id = ? RETURNING id", (user_id,)
-            )
-        ids = [row[0] for row in rows]
+        def delete(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute("DELETE FROM sessions WHERE user_id = ? RETURNING id", (user_id,))
+            return [row[0] for row in rows]
+
+        ids = await self._write("delete_user", delete)
         if ids:
             await self._scrub()
         return ids
 
     async def purge_older_than(self, cutoff: datetime, *, limit: int = 500) -> list[str]:
-        async with self._transaction("purge") as conn:
-            rows = await conn.execute_fetchall(
+        params = (to_micros(cutoff), limit)
+
+        def purge(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
                 "DELETE FROM sessions WHERE id IN (SELECT id FROM sessions "
                 "WHERE last_access_at < ? ORDER BY last_access_at LIMIT ?) RETURNING id",
-                (to_micros(cutoff), limit),
+                params,
             )
-        return [row[0] for row in rows]
+            return [row[0] for row in rows]
+
+        return await self._write("purge", purge)
+
+    async def _write(
+        self, what: str, job: Callable[[sqlite3.Connection], T], writer: aiosqlite.Connection | None = None
+    ) -> T:
+        """Run `job` in one write transaction (BEGIN IMMEDIATE … COMMIT, rolled back on any
+        error) as one call in the writer's thread, the way aiosqlite runs its own multi-step
+        calls. A call once queued runs to its end even if its caller is cancelled, so the
+        writer is never left inside a transaction. sqlite3 errors become StorageError
+        (RecordError for data a constraint refused)."""
+        if writer is None:
+            writer = self.writer
+        conn_of = writer
+
+        def transaction() -> T:
+            conn = conn_of._conn  # in the writer's thread, where it lives
+            _begin(conn)
+            try:
+                result = job(conn)
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                # SQLite may have rolled back already (SQLITE_FULL, I/O errors).
+                if conn.in_transaction:
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error as rollback_exc:
+                        LOG.warning("rollback after a failed %s failed too: %s", what, rollback_exc)
+                raise exc
+            return result
+
+        try:
+            # aiosqlite's own way into its thread (what its execute_fetchall uses).
+            result: T = await writer._execute(transaction)  # type: ignore[no-untyped-call]
+        except sqlite3.Error as exc:
+            raise _storage_error(self.path, what, exc) from exc
+        except ValueError as exc:  # aiosqlite: the connection is closed
+            raise StorageError(f"{self.path}: {what} failed: {exc}") from exc
+        return result
 
     async def _scrub(self) -> None:
         """After an erasure: copy the WAL into the database and truncate it, so that the old
@@ -242,7 +418,8 @@ class SQLiteBackend:
 
     async def backup(self, dest: str | os.PathLike[str]) -> None:
         """A consistent online copy of the database (SQLite's backup API) at `dest`, created
-        mode 0600, checked with `integrity_check`. The app may keep writing meanwhile."""
+        mode 0600, checked with `integrity_check`. The app may keep writing meanwhile; a
+        read-only backend can make it beside a running app."""
         dest_path = Path(dest)
         try:
             os.close(os.open(dest_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
@@ -250,65 +427,71 @@ class SQLiteBackend:
             raise StorageError(f"{dest_path} exists; refusing to overwrite it") from None
         except OSError as exc:
             raise StorageError(f"cannot create {dest_path}: {exc.strerror}") from exc
-        target = await aiosqlite.connect(dest_path)
-        try:
-            await self._reading().backup(target)
-            async with target.execute("PRAGMA integrity_check") as cursor:
-                row = await cursor.fetchone()
-            if row is None or row[0] != "ok":
-                raise StorageError(f"the backup at {dest_path} failed its integrity check: {row}")
-        except sqlite3.Error as exc:
-            raise StorageError(f"backup to {dest_path} failed: {exc}") from exc
-        finally:
-            await target.close()
 
-    def _transaction(self, what: str) -> _Transaction:
-        return _Transaction(self.writer, what, self.path)
+        def copy(conn: sqlite3.Connection) -> str:
+            target = sqlite3.connect(dest_path)
+            try:
+                conn.backup(target)
+                row = target.execute("PRAGMA integrity_check").fetchone()
+            finally:
+                target.close()
+            return "no answer" if row is None else str(row[0])
+
+        result = await self._query(f"backup to {dest_path}", copy)
+        if result != "ok":
+            raise StorageError(f"the backup at {dest_path} failed its integrity check: {result}")
 
     # -- reads -------------------------------------------------------------------------------
+    #
+    # Each read is one job in the reader's thread (`_Reader.run`), its read transaction
+    # included: a caller cancelled while it waits leaves nothing open behind it.
+
+    async def _query(self, what: str, job: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            return await self._reading().run(job)
+        except sqlite3.Error as exc:
+            raise StorageError(f"{self.path}: {what} failed: {exc}") from exc
+
+    async def _query_tables(self, what: str, job: Callable[[sqlite3.Connection], T], empty: T) -> T:
+        """`_query` for a job that reads the tables: on a file no store has migrated yet
+        (open read-only), `empty` instead."""
+
+        def guarded(conn: sqlite3.Connection) -> T:
+            if self._unmigrated:
+                if _user_version(conn) < SCHEMA_VERSION:
+                    return empty
+                self._unmigrated = False
+            return job(conn)
+
+        return await self._query(what, guarded)
 
     async def load_session(self, session_id: str) -> SessionRecord | None:
-        conn = self._reading()
-        try:
-            # One read transaction: the session row and its messages from the same snapshot.
-            async with self._read_lock:
-                await conn.execute("BEGIN")
-                try:
-                    return await _load(conn, session_id)
-                finally:
-                    await conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise StorageError(f"{self.path}: load_session failed: {exc}") from exc
+        return await self._query_tables("load_session", lambda conn: _load(conn, session_id), None)
 
     async def list_sessions(
         self, user_id: UserId, *, limit: int | None = None, offset: int = 0
     ) -> list[SessionSummary]:
-        conn = self._reading()
-        try:
-            rows = await conn.execute_fetchall(
+        params = (user_id, -1 if limit is None else limit, offset)
+
+        def fetch(conn: sqlite3.Connection) -> list[SessionSummary]:
+            rows = conn.execute(
                 f"SELECT {_SUMMARY_COLUMNS} FROM sessions WHERE user_id = ? "
                 "ORDER BY updated_at DESC, id LIMIT ? OFFSET ?",
-                (user_id, -1 if limit is None else limit, offset),
-            )
-        except sqlite3.Error as exc:
-            raise StorageError(f"{self.path}: list_sessions failed: {exc}") from exc
-        return [_summary(row) for row in rows]
+                params,
+            ).fetchall()
+            return [_summary(row) for row in rows]
+
+        return await self._query_tables("list_sessions", fetch, [])
 
     async def iter_user_sessions(self, user_id: UserId) -> AsyncIterator[SessionRecord]:
-        # A page of sessions at a time, each page one read transaction with two queries:
-        # memory holds one page, and a 10,000-session export is 200 round trips, not 40,000.
-        conn = self._reading()
+        # A page of sessions at a time, each page one job (one read transaction, two
+        # queries): memory holds one page, a 10,000-session export is 200 hops into the
+        # thread, not 40,000, and a consumer that stops between pages holds nothing open.
         after = ""
         while True:
-            try:
-                async with self._read_lock:
-                    await conn.execute("BEGIN")
-                    try:
-                        page = await _load_page(conn, user_id, after, _EXPORT_PAGE)
-                    finally:
-                        await conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise StorageError(f"{self.path}: export failed: {exc}") from exc
+            page: list[SessionRecord] = await self._query_tables(
+                "export", partial(_load_page, user_id=user_id, after=after, size=_EXPORT_PAGE), []
+            )
             for record in page:
                 yield record
             if len(page) < _EXPORT_PAGE:
@@ -317,24 +500,29 @@ class SQLiteBackend:
 
     async def count_older_than(self, cutoff: datetime) -> int:
         """How many sessions `purge_older_than(cutoff)` would delete (a dry run)."""
-        return int(
-            await _scalar(
-                self._reading(),
-                "SELECT count(*) FROM sessions WHERE last_access_at < ?",
-                (to_micros(cutoff),),
-            )
-        )
+        micros = to_micros(cutoff)
+
+        def count(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT count(*) FROM sessions WHERE last_access_at < ?", (micros,)).fetchone()
+            return int(row[0])
+
+        return await self._query_tables("count_older_than", count, 0)
 
     async def file_stats(self) -> dict[str, Any]:
         """What an operator asks first: counts, sizes, the schema version, activity range."""
-        conn = self._reading()
-        async with conn.execute(
-            "SELECT count(*), count(DISTINCT user_id), min(last_access_at), max(last_access_at) FROM sessions"
-        ) as cursor:
-            row = await cursor.fetchone()
-        assert row is not None  # an aggregate always has its row
-        sessions, users, oldest, newest = row
-        messages = await _scalar(conn, "SELECT count(*) FROM messages")
+
+        def counts(conn: sqlite3.Connection) -> tuple[Any, ...]:
+            with _snapshot(conn):
+                row = conn.execute(
+                    "SELECT count(*), count(DISTINCT user_id), min(last_access_at), max(last_access_at) "
+                    "FROM sessions"
+                ).fetchone()
+                messages = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+            return (*row, messages)
+
+        sessions, users, oldest, newest, messages = await self._query_tables(
+            "file_stats", counts, (0, 0, None, None, 0)
+        )
         wal = self.path.with_name(self.path.name + "-wal")
         return {
             "path": str(self.path),
@@ -349,53 +537,85 @@ class SQLiteBackend:
         }
 
     async def schema_version(self) -> int:
-        return int(await _scalar(self._reading(), "PRAGMA user_version"))
+        return await self._query("schema_version", _user_version)
 
     async def integrity_check(self) -> list[str]:
-        rows = await self._reading().execute_fetchall("PRAGMA integrity_check")
-        return [str(row[0]) for row in rows]
+        return await self._query(
+            "integrity_check", lambda conn: [str(row[0]) for row in conn.execute("PRAGMA integrity_check")]
+        )
 
 
-class _Transaction:
-    """`BEGIN IMMEDIATE` … `COMMIT`, rolled back on any error, errors mapped to StorageError."""
+class _Reader:
+    """A plain sqlite3 connection that lives in one thread of its own: aiosqlite's model,
+    with a whole job as the unit. `run(job)` runs `job(connection)` there from start to
+    end; a caller cancelled while it waits only stops waiting (a job that has started
+    finishes, one that has not never starts), so no transaction outlives its job. The one
+    thread also runs the jobs one at a time: they need no lock."""
 
-    def __init__(self, conn: aiosqlite.Connection, what: str, path: Path) -> None:
-        self._conn = conn
-        self._what = what
-        self._path = path
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writebehind-reader")
+        self._closed = False
+        self._conn: sqlite3.Connection | None = None  # only touched in the reader's thread
 
-    async def __aenter__(self) -> aiosqlite.Connection:
-        try:
+    async def connect(self, database: str, *, uri: bool, busy_timeout_ms: int) -> None:
+        def connect() -> None:
+            conn = sqlite3.connect(database, uri=uri, isolation_level=None)
             try:
-                await self._conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if "within a transaction" not in str(exc):
-                    raise
-                # A call cancelled while its BEGIN was on the connection's queue (the worker
-                # cancelled from outside) left a transaction open: nothing of it was
-                # committed, so roll it back and begin again.
-                LOG.warning("rolling back a transaction left open by a cancelled call")
-                await self._conn.execute("ROLLBACK")
-                await self._conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise _storage_error(self._path, self._what, exc) from exc
-        return self._conn
+                conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+                conn.execute("PRAGMA query_only = ON")
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
 
-    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
-        if exc is None:
-            try:
-                await self._conn.execute("COMMIT")
-                return
-            except sqlite3.Error as commit_exc:
-                exc = commit_exc
-        # SQLite may already have rolled back (SQLITE_FULL, I/O errors).
-        if self._conn.in_transaction:
-            try:
-                await self._conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                LOG.warning("rollback after a failed %s failed too", self._what)
-        if isinstance(exc, sqlite3.Error):
-            raise _storage_error(self._path, self._what, exc) from exc
+        await self._submit(connect)
+
+    async def run(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            if self._conn is None:
+                raise StorageError("the reading connection is closed")
+            return job(self._conn)
+
+        return await self._submit(call)
+
+    async def close(self) -> None:
+        """Close the connection once every job queued before has run. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+
+        def close() -> None:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
+
+        done = asyncio.wrap_future(self._executor.submit(close))
+        self._executor.shutdown(wait=False)
+        await asyncio.shield(done)  # a cancelled caller must not keep the close from running
+
+    async def _submit(self, job: Callable[[], T]) -> T:
+        if self._closed:
+            raise StorageError("the reading connection is closed")
+        return await asyncio.wrap_future(self._executor.submit(job))
+
+
+def _begin(conn: sqlite3.Connection) -> None:
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if "within a transaction" not in str(exc):
+            raise
+        # Only a bug can get here (every job ends its transaction); nothing of an open
+        # transaction was committed, so roll it back and begin again.
+        LOG.warning("rolling back a transaction left open on the writer")
+        conn.execute("ROLLBACK")
+        conn.execute("BEGIN IMMEDIATE")
+
+
+def _schema_state(conn: sqlite3.Connection) -> tuple[int, int]:
+    """(`user_version`, how many tables), in one statement."""
+    row = conn.execute(_SCHEMA_STATE).fetchone()
+    return int(row[0]), int(row[1])
 
 
 def _storage_error(path: Path, what: str, exc: sqlite3.Error) -> StorageError:
@@ -422,8 +642,8 @@ def _session_row(delta: SessionDelta) -> tuple[Any, ...]:
 
 def _message_rows(deltas: Sequence[SessionDelta]) -> list[tuple[Any, ...]]:
     # The flush's one per-message loop on the event loop, so written for speed: a freshly
-    # appended message shares one datetime for created_at and updated_at, converted once.
-    dumps = orjson.dumps
+    # appended message shares one datetime for created_at and updated_at, converted once;
+    # metadata was encoded once, when it was accepted.
     rows: list[tuple[Any, ...]] = []
     append = rows.append
     for delta in deltas:
@@ -431,19 +651,7 @@ def _message_rows(deltas: Sequence[SessionDelta]) -> list[tuple[Any, ...]]:
         for m in delta.messages:
             created = to_micros(m.created_at)
             updated = created if m.updated_at is m.created_at else to_micros(m.updated_at)
-            meta = m.metadata
-            append(
-                (
-                    sid,
-                    m.seq,
-                    m.id,
-                    m.role,
-                    m.content,
-                    created,
-                    updated,
-                    None if meta is None else dumps(meta).decode(),
-                )
-            )
+            append((sid, m.seq, m.id, m.role, m.content, created, updated, m.metadata_json))
     return rows
 
 
@@ -474,45 +682,78 @@ def _message_from_row(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> StoredMes
         content=content,
         created_at=from_micros(created),
         updated_at=from_micros(updated),
-        metadata=None if metadata is None else orjson.loads(metadata),
+        metadata_json=metadata,
     )
 
 
-async def _load(conn: aiosqlite.Connection, session_id: str) -> SessionRecord | None:
-    async with conn.execute(f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id = ?", (session_id,)) as cursor:
-        row = await cursor.fetchone()
-    if row is None:
-        return None
-    async with conn.execute(
-        "SELECT seq, id, role, content, created_at, updated_at, metadata FROM messages "
-        "WHERE session_id = ? ORDER BY seq",
-        (session_id,),
-    ) as cursor:
-        cursor.row_factory = _message_from_row  # type: ignore[assignment]
-        messages: list[StoredMessage] = list(await cursor.fetchall())  # type: ignore[arg-type]
+def _load(conn: sqlite3.Connection, session_id: str) -> SessionRecord | None:
+    # In the reader's thread: the session row and its messages from one snapshot.
+    with _snapshot(conn):
+        row = conn.execute(f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        if row is None:
+            return None
+        cursor = conn.execute(
+            "SELECT seq, id, role, content, created_at, updated_at, metadata FROM messages "
+            "WHERE session_id = ? ORDER BY seq",
+            (session_id,),
+        )
+        messages = [_message_from_row(cursor, message_row) for message_row in cursor]
     return _record(row, messages)
 
 
-async def _load_page(
-    conn: aiosqlite.Connection, user_id: UserId, after: str, size: int
-) -> list[SessionRecord]:
-    rows = list(
-        await conn.execute_fetchall(
+def _load_page(conn: sqlite3.Connection, user_id: UserId, after: str, size: int) -> list[SessionRecord]:
+    # In the reader's thread: a page of sessions and their messages from one snapshot.
+    with _snapshot(conn):
+        rows = conn.execute(
             f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE user_id = ? AND id > ? ORDER BY id LIMIT ?",
             (user_id, after, size),
+        ).fetchall()
+        if not rows:
+            return []
+        by_session: dict[str, list[StoredMessage]] = {row[0]: [] for row in rows}
+        cursor = conn.execute(
+            "SELECT session_id, seq, id, role, content, created_at, updated_at, metadata FROM messages "
+            f"WHERE session_id IN ({','.join('?' * len(rows))}) ORDER BY session_id, seq",
+            [row[0] for row in rows],
         )
-    )
-    if not rows:
-        return []
-    by_session: dict[str, list[StoredMessage]] = {row[0]: [] for row in rows}
-    async with conn.execute(
-        "SELECT session_id, seq, id, role, content, created_at, updated_at, metadata FROM messages "
-        f"WHERE session_id IN ({','.join('?' * len(rows))}) ORDER BY session_id, seq",
-        [row[0] for row in rows],
-    ) as cursor:
-        async for message_row in cursor:
-            by_session[message_row[0]].append(_message_from_row(None, message_row[1:]))  # type: ignore[arg-type]
+        for message_row in cursor:
+            by_session[message_row[0]].append(_message_from_row(cursor, message_row[1:]))
     return [_record(row, by_session[row[0]]) for row in rows]
+
+
+@contextlib.contextmanager
+def _snapshot(conn: sqlite3.Connection) -> Iterator[None]:
+    """One read transaction: every query inside sees the same committed state. Only ever
+    entered inside one job in the reader's thread, so nothing can leave it open."""
+    conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        if conn.in_transaction:  # SQLite may have ended it already (an I/O error)
+            conn.execute("ROLLBACK")
+
+
+def _user_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED, extended codes included: someone else holds a lock."""
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def _statements(script: str) -> list[str]:
+    """A migration script as single statements, so that it can run inside a transaction
+    the caller controls (`executescript` would COMMIT first)."""
+    statements: list[str] = []
+    start = 0
+    for i, char in enumerate(script):
+        if char == ";" and sqlite3.complete_statement(script[start : i + 1]):
+            statements.append(script[start : i + 1].strip())
+            start = i + 1
+    if script[start:].strip():
+        statements.append(script[start:].strip())
+    return statements
 
 
 def _record(row: Any, messages: list[StoredMessage]) -> SessionRecord:

@@ -1,0 +1,320 @@
+"""The HTTP API and the page. Each handler: who calls (`auth`), what the store says, the
+answer (`schemas`); errors are raised and mapped in one place (`errors`)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from pathlib import Path as FilePath
+from typing import Annotated, Any, Final
+
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
+from sse_starlette import EventSourceResponse
+
+from .. import NotFound, SessionRecord, SessionStore, WriteBehindStore
+from .auth import caller, remember
+from .errors import ApiError
+from .replies import Replies
+from .schemas import (
+    SESSION_ID_PATTERN,
+    ErrorBody,
+    MessageOut,
+    NewMessage,
+    NewSession,
+    SessionList,
+    SessionOut,
+    SessionPatch,
+    Turn,
+)
+from .settings import ServerSettings
+from .streaming import EVENT_ID_PATTERN, Broker, resume_point, stream
+
+__all__ = ["router"]
+
+ACCESS = logging.getLogger("writebehind.access")
+STATIC: Final = FilePath(__file__).with_name("static")
+_SESSION_ID: Final = re.compile(SESSION_ID_PATTERN)
+
+Store = SessionStore | WriteBehindStore
+router = APIRouter()
+
+# Every error answer a route can give, with the same body (`errors`); the OpenAPI document
+# lists exactly these per route.
+_WHY: Final = {
+    400: "a body that is not JSON, or a Last-Event-ID that is not `<seq>:<offset>[d]`",
+    401: "an Authorization header that names nobody (the answer says `WWW-Authenticate: Bearer`)",
+    404: "no such session for this caller: another user's answers exactly the same",
+    413: "a body over CHAT_SERVER_MAX_BODY_BYTES",
+    415: "a body that is not `application/json`",
+    422: "a request the schema or the store refuses; the message names the field",
+    503: "the store is busy (back-pressure) or failing; nothing changed, retry later",
+}
+
+
+def _answers(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorBody, "description": _WHY[status]} for status in statuses}
+
+
+_BODY = (400, 401, 413, 415, 422, 503)  # a route that reads a JSON body, and says who calls
+SessionId = Annotated[
+    str, Path(description="a session id", json_schema_extra={"pattern": SESSION_ID_PATTERN})
+]
+
+
+def _store(request: Request) -> Store:
+    store: Store = request.app.state.store
+    return store
+
+
+def _replies(request: Request) -> Replies:
+    replies: Replies = request.app.state.replies
+    return replies
+
+
+def _broker(request: Request) -> Broker:
+    broker: Broker = request.app.state.broker
+    return broker
+
+
+def _require_json(request: Request) -> None:
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+
+
+def _check_id(session_id: str) -> str:
+    if _SESSION_ID.fullmatch(session_id) is None:
+        raise ApiError(404, "not_found", f"session {session_id!r} not found")
+    return session_id
+
+
+def _with_messages(record: SessionRecord, replies: Replies) -> SessionOut:
+    messages = [MessageOut.of(m, replies.progress(record.id, m)) for m in record.messages]
+    return SessionOut.of(record, messages)
+
+
+@router.get("/healthz")
+async def healthz(request: Request) -> dict[str, Any]:
+    stats = _store(request).stats()
+    healthy = stats.consecutive_failures == 0
+    return {
+        "status": "ok" if healthy else "degraded",
+        "dirty_sessions": stats.dirty_sessions,
+        "consecutive_failures": stats.consecutive_failures,
+        "last_flush_at": None if stats.last_flush_at is None else stats.last_flush_at.isoformat(),
+    }
+
+
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={404: {"model": ErrorBody, "description": "the `metrics` extra is not installed"}},
+)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics of the store (with the `metrics` extra; 404 without it)."""
+    try:
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        from ..metrics import StoreCollector
+    except ImportError:
+        raise ApiError(404, "not_found", "install writebehind[metrics] for /metrics") from None
+    registry = CollectorRegistry()
+    registry.register(StoreCollector(_store(request)))
+    return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
+
+
+@router.get("/", include_in_schema=False)
+async def index() -> FileResponse:
+    return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+@router.post(
+    "/api/sessions", status_code=201, dependencies=[Depends(_require_json)], responses=_answers(*_BODY)
+)
+async def create_session(body: NewSession, request: Request, response: Response) -> SessionOut:
+    who = caller(request)
+    record = await _store(request).ensure_session(
+        user_id=who.user_id,
+        title=body.title,
+        binding_token=who.binding if who.user_id is None else None,
+        client_ip=request.client.host if request.client else None,
+        user_agent=request.headers.get("user-agent", "")[:512] or None,
+    )
+    if who.user_id is None and who.binding:
+        # The anonymous "my sessions" list, per cookie (see `application.create_app`).
+        owned: dict[str, list[str]] = request.app.state.anon_sessions
+        ids = owned.setdefault(who.binding, [])
+        ids.append(record.id)
+        del ids[:-100]
+    remember(response, who, request)
+    return SessionOut.of(record)
+
+
+@router.get("/api/sessions", responses=_answers(401, 422, 503))
+async def list_sessions(
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+) -> SessionList:
+    """My sessions, most recently updated first."""
+    who = caller(request)
+    store = _store(request)
+    if who.user_id is not None:
+        summaries = await store.list_sessions(who.user_id, limit=limit, offset=offset)
+        return SessionList(sessions=[SessionOut.of(s) for s in summaries], limit=limit, offset=offset)
+    records = []
+    for sid in reversed(request.app.state.anon_sessions.get(who.binding or "", [])):
+        with contextlib.suppress(NotFound):
+            records.append(await store.get_session(sid, user_id=None, binding_token=who.binding))
+    page = records[offset : offset + limit]
+    return SessionList(sessions=[SessionOut.of(r) for r in page], limit=limit, offset=offset)
+
+
+@router.get("/api/sessions/{session_id}", responses=_answers(401, 404, 503))
+async def get_session(session_id: SessionId, request: Request) -> SessionOut:
+    who = caller(request)
+    replies = _replies(request)
+    record = await _store(request).get_session(_check_id(session_id), **who.who)
+    await replies.settle(record.id, record.messages, who)
+    return _with_messages(record, replies)
+
+
+@router.patch(
+    "/api/sessions/{session_id}", dependencies=[Depends(_require_json)], responses=_answers(*_BODY, 404)
+)
+async def patch_session(session_id: SessionId, body: SessionPatch, request: Request) -> SessionOut:
+    who = caller(request)
+    changes: dict[str, Any] = body.model_dump(exclude_unset=True)
+    record = await _store(request).update_session(_check_id(session_id), **who.who, **changes)
+    return SessionOut.of(record)
+
+
+@router.delete("/api/sessions/{session_id}", status_code=204, responses=_answers(401, 404, 503))
+async def delete_session(session_id: SessionId, request: Request) -> Response:
+    who = caller(request)
+    sid = _check_id(session_id)
+    await _store(request).delete_session(sid, **who.who)
+    _broker(request).notify(sid)  # its open streams find it gone and say so
+    return Response(status_code=204)
+
+
+@router.post("/api/sessions/{session_id}/claim", responses=_answers(401, 404, 503))
+async def claim(session_id: SessionId, request: Request) -> SessionOut:
+    who = caller(request)
+    if who.user_id is None:
+        raise ApiError(401, "unauthorized", "sign in to claim a session", {"WWW-Authenticate": "Bearer"})
+    record = await _store(request).claim(
+        _check_id(session_id), user_id=who.user_id, binding_token=who.binding
+    )
+    return SessionOut.of(record)
+
+
+@router.post(
+    "/api/sessions/{session_id}/messages",
+    status_code=202,
+    dependencies=[Depends(_require_json)],
+    responses=_answers(*_BODY, 404),
+)
+async def post_message(session_id: SessionId, body: NewMessage, request: Request) -> Turn:
+    """Store the message and start its reply; a reply still streaming on the session ends
+    first, then this one starts (see `replies`)."""
+    who = caller(request)
+    replies = _replies(request)
+    said, reply = await replies.start(_check_id(session_id), body.content, who)
+    return Turn(
+        user_message=MessageOut.of(said, replies.progress(session_id, said)),
+        assistant_message=MessageOut.of(reply, replies.progress(session_id, reply)),
+    )
+
+
+_EVENTS_DOC: Final = {
+    "description": "Server-sent events, one `message` event per change of one message "
+    "(`id: <seq>:<offset>[d]`, offsets in UTF-16 code units), a `gone` event when the session is "
+    "erased, comments as pings.",
+    "content": {
+        "text/event-stream": {
+            "schema": {"type": "string"},
+            "example": 'id: 2:12\nevent: message\ndata: {"seq": 2, "id": "…", "role": "assistant", '
+            '"offset": 0, "text": "You said: hi", "done": false, "interrupted": false, '
+            '"rewound": false}\n\n',
+        }
+    },
+}
+
+
+@router.get(
+    "/api/sessions/{session_id}/events",
+    response_class=EventSourceResponse,
+    responses={200: _EVENTS_DOC, **_answers(400, 401, 404, 503)},
+)
+async def events(
+    session_id: SessionId,
+    request: Request,
+    last_event_id: Annotated[
+        str | None,
+        Header(
+            alias="Last-Event-ID",
+            description="resume after what the client has: the id of the last event it got",
+            json_schema_extra={"pattern": EVENT_ID_PATTERN},
+        ),
+    ] = None,
+) -> EventSourceResponse:
+    """The session's messages from the client's position, then the live tail (see `streaming`)."""
+    who = caller(request)
+    store = _store(request)
+    replies = _replies(request)
+    sid = _check_id(session_id)
+    messages = await store.get_messages(sid, **who.who)  # 404 before the stream starts
+    await replies.settle(sid, messages, who)
+    start = resume_point(last_event_id, messages)
+    ACCESS.info("stream session=%s user=%s from=%s:%s", sid, who.user_id, start.seq, start.units)
+    settings: ServerSettings = request.app.state.settings
+    return EventSourceResponse(
+        stream(store, _broker(request), replies, sid, who, start),
+        ping=settings.ping_seconds,
+        headers={"Cache-Control": "no-store"},
+        shutdown_event=request.app.state.stopping,
+        shutdown_grace_period=settings.shutdown_grace_seconds,
+    )
+
+
+_EXPORT_DOC: Final = {
+    "description": "all my sessions and messages, one JSON document, streamed",
+    "content": {"application/json": {"schema": {"type": "object"}}},
+}
+
+
+@router.get(
+    "/api/me/export",
+    response_class=StreamingResponse,
+    responses={200: _EXPORT_DOC, **_answers(401, 404, 503)},
+)
+async def export(request: Request) -> StreamingResponse:
+    who = caller(request)
+    if who.user_id is None:
+        raise ApiError(
+            401,
+            "unauthorized",
+            "anonymous sessions are not stored; nothing to export",
+            {"WWW-Authenticate": "Bearer"},
+        )
+    store = _store(request)
+    if not isinstance(store, WriteBehindStore):
+        raise ApiError(404, "not_found", "this server keeps nothing: persistence is off")
+    return StreamingResponse(
+        store.export_user_json(who.user_id),
+        media_type="application/json",
+        headers={"Content-Disposition": 'attachment; filename="my-chats.json"'},
+    )
+
+
+@router.delete("/api/me", responses=_answers(401, 503))
+async def erase_me(request: Request) -> dict[str, int]:
+    who = caller(request)
+    if who.user_id is None:
+        raise ApiError(401, "unauthorized", "sign in to erase your data", {"WWW-Authenticate": "Bearer"})
+    deleted = await _store(request).delete_user(who.user_id)
+    _broker(request).notify_user(who.user_id)  # their open streams find it gone and say so
+    return {"deleted_sessions": deleted}

@@ -1,0 +1,121 @@
+"""What the API reads and writes: request bodies (strict: an unknown field is a 422) and
+responses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .. import SessionRecord, SessionSummary, StoredMessage
+from .replies import Progress
+
+__all__ = [
+    "ErrorBody",
+    "ErrorDetail",
+    "MessageOut",
+    "NewMessage",
+    "NewSession",
+    "SessionList",
+    "SessionOut",
+    "SessionPatch",
+    "Turn",
+]
+
+# What the store accepts (writebehind.model), said in the schema too.
+SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+STATUS_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NewSession(_Strict):
+    title: str | None = Field(default=None, max_length=500)
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+
+
+class SessionPatch(_Strict):
+    """Only the fields given change; `title: null` clears the title."""
+
+    title: str | None = Field(default=None, max_length=500)
+    # A status can be changed, not removed: absent is allowed, null is not.
+    status: str = Field(  # type: ignore[assignment]
+        default=None, pattern=STATUS_PATTERN, validate_default=False, json_schema_extra=_no_default
+    )
+
+
+class NewMessage(_Strict):
+    content: str = Field(min_length=1)
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="stable and machine-readable: not_found, validation, unauthorized, ...")
+    message: str = Field(description="for a person; names the field or the session, never content")
+
+
+class ErrorBody(BaseModel):
+    """Every answer that is not a success."""
+
+    error: ErrorDetail
+
+
+class MessageOut(BaseModel):
+    id: str
+    seq: int
+    role: str
+    content: str
+    created_at: str
+    updated_at: str
+    done: bool = Field(description="the message is whole: false only while its reply is being written")
+    interrupted: bool = Field(description="the reply was cut before its end (a stop, a crash, a failure)")
+
+    @classmethod
+    def of(cls, m: StoredMessage, progress: Progress) -> MessageOut:
+        return cls(
+            id=m.id,
+            seq=m.seq,
+            role=m.role,
+            content=m.content,
+            created_at=m.created_at.isoformat(),
+            updated_at=m.updated_at.isoformat(),
+            done=progress.done,
+            interrupted=progress.interrupted,
+        )
+
+
+class SessionOut(BaseModel):
+    id: str
+    title: str | None
+    status: str
+    created_at: str
+    updated_at: str
+    message_count: int
+    messages: list[MessageOut] | None = None
+
+    @classmethod
+    def of(cls, s: SessionRecord | SessionSummary, messages: list[MessageOut] | None = None) -> SessionOut:
+        return cls(
+            id=s.id,
+            title=s.title,
+            status=s.status,
+            created_at=s.created_at.isoformat(),
+            updated_at=s.updated_at.isoformat(),
+            message_count=s.message_count if isinstance(s, SessionSummary) else len(s.messages),
+            messages=messages,
+        )
+
+
+class SessionList(BaseModel):
+    sessions: list[SessionOut]
+    limit: int
+    offset: int
+
+
+class Turn(BaseModel):
+    user_message: MessageOut
+    assistant_message: MessageOut
