@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
-import pytest
 
 from writebehind import Config, SessionStore, SQLiteBackend, WriteBehindStore
 
@@ -163,11 +162,6 @@ async def test_check_and_backup_of_a_damaged_file_fail_and_say_what_is_wrong(
     assert db_path.read_bytes() == before  # the reading verbs wrote nothing
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: SQLiteBackend.open() lets sqlite3.OperationalError out, so the CLI prints a traceback",
-)
 def test_a_database_path_sqlite_cannot_open_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     db_path = tmp_path / "chat_sessions.db"
     db_path.symlink_to(tmp_path / "unmounted" / "chat_sessions.db")  # a link to a volume not there

@@ -20,6 +20,7 @@ from writebehind import (
     ClosedError,
     Config,
     ConflictError,
+    NotFound,
     SessionStore,
     SQLiteBackend,
     StorageError,
@@ -342,12 +343,6 @@ class TouchBug(SQLiteBackend):
         return await super().write_batch(deltas, touches)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ClosedError,
-    reason="BUG: FlushWorker._write_touches re-raises a non-StorageError: the worker task crashes and a "
-    "durable caller whose data was written gets ClosedError('the flush worker stopped')",
-)
 async def test_a_bug_in_writing_read_times_neither_fails_a_durable_write_nor_stops_the_worker(
     db_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -365,3 +360,21 @@ async def test_a_bug_in_writing_read_times_neither_fails_a_durable_write_nor_sto
         await store.append_message("written", user_id=1, role="user", content="durable", durable=True)
         assert on_disk(db_path) == {"written": {1: "durable"}}
         assert not any("crashed" in r.getMessage() for r in caplog.records)
+
+
+async def test_deleting_a_dirty_session_the_lru_had_to_park_removes_it_for_good(
+    db_path: Path,
+) -> None:
+    config = Config(db_path=db_path, cache_size=2, **QUIET)
+    store = WriteBehindStore(SessionStore(2), SQLiteBackend(db_path), config=config)
+    async with store:
+        for sid in ("parked", "b", "c"):  # three dirty sessions in an LRU of two
+            await store.ensure_session(sid, user_id=1)
+            await store.append_message(sid, user_id=1, role="user", content=f"in {sid}")
+        assert store.stats().parked == 1  # pushed out by the LRU, kept because it is not on disk
+        await store.delete_session("parked", user_id=1)
+        assert store.stats().parked == 0 and store.stats().hot_sessions == 2
+        await store.flush()
+        with pytest.raises(NotFound):
+            await store.get_session("parked", user_id=1)
+    assert on_disk(db_path) == {"b": {1: "in b"}, "c": {1: "in c"}}

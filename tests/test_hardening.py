@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,6 +21,7 @@ import pytest
 
 from writebehind import (
     BackPressureError,
+    ClosedError,
     Config,
     ConfigError,
     SessionStore,
@@ -554,3 +557,119 @@ async def test_a_recovery_file_does_not_bring_back_a_session_erased_while_the_ap
         assert await again.list_sessions(1) == []
     assert on_disk(db_path) == {}
     assert not list(db_path.parent.glob("*.recovery*"))
+
+
+# -- found by a new user's review -----------------------------------------------------------------
+
+
+class SlowLoadBackend(SQLiteBackend):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.loading = asyncio.Event()
+        self.release = asyncio.Event()
+        self.release.set()
+
+    async def load_session(self, session_id: str) -> SessionRecord | None:
+        self.loading.set()
+        await self.release.wait()
+        return await super().load_session(session_id)
+
+
+async def test_a_write_waiting_on_a_load_when_aclose_begins_is_refused_not_acknowledged_and_lost(
+    db_path: Path,
+) -> None:
+    first = _store(SQLiteBackend(db_path))
+    async with first:
+        await first.ensure_session("s", user_id=1)
+        await first.append_message("s", user_id=1, role="user", content="on disk")
+    backend = SlowLoadBackend(db_path)
+    store = _store(backend)
+    await store.start()
+    backend.release.clear()
+    writing = asyncio.create_task(store.append_message("s", user_id=1, role="user", content="late"))
+    await backend.loading.wait()  # the write waits for its cold load
+    closing = asyncio.create_task(store.aclose())
+    await asyncio.sleep(0)
+    backend.release.set()
+    await closing
+    outcome = await asyncio.gather(writing, return_exceptions=True)
+    if isinstance(outcome[0], StoredMessage):
+        # Acknowledged: then it must be on disk.
+        assert on_disk(db_path)["s"] == {1: "on disk", 2: "late"}
+    else:
+        assert isinstance(outcome[0], ClosedError)  # refused, and not on disk either
+        assert on_disk(db_path)["s"] == {1: "on disk"}
+
+
+async def test_many_cold_requests_through_a_small_hot_tier_never_see_not_found(db_path: Path) -> None:
+    first = _store(SQLiteBackend(db_path))
+    async with first:
+        for i in range(40):
+            await first.ensure_session(f"s{i}", user_id=1)
+            await first.append_message(f"s{i}", user_id=1, role="user", content=f"m{i}")
+    store = _store(SQLiteBackend(db_path), cache_size=4)
+    async with store:
+        reads = [store.get_session(f"s{i}", user_id=1) for i in range(40)]
+        writes = [store.append_message(f"s{i}", user_id=1, role="user", content="more") for i in range(40)]
+        results = await asyncio.gather(*reads, *writes)
+    assert [r.id for r in results[:40]] == [f"s{i}" for i in range(40)]
+    assert all(isinstance(m, StoredMessage) and m.seq == 2 for m in results[40:])
+
+
+async def test_erasure_reaches_the_recovery_file_and_its_refused_copies(
+    db_path: Path, tmp_path: Path
+) -> None:
+    async with _store(SQLiteBackend(db_path)):
+        pass  # the app ran once: the database exists
+    recovery = db_path.with_name(db_path.name + ".recovery")
+    now = datetime.now(UTC)
+    mine = SessionRecord(
+        "mine", 7, now, now, now, messages=(StoredMessage("m", 1, "user", "SECRET-7", now, now),)
+    )
+    other = SessionRecord("other", 8, now, now, now)
+    write_recovery(recovery, [mine, other])
+    refused = recovery.with_name(recovery.name + ".refused-1")
+    write_recovery(refused, [replace_id(mine, "mine-2")])
+    # The operator erases user 7 while the app is stopped: the command line.
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "writebehind.cli", "--db", str(db_path), "erase", "--user", "7", "--yes"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert [r.id for r in read_recovery(recovery)] == ["other"]
+    assert not refused.exists()
+    store = _store(SQLiteBackend(db_path))
+    async with store:  # the replay brings back user 8's session, nothing of user 7
+        assert [s.id for s in await store.list_sessions(8)] == ["other"]
+        assert await store.list_sessions(7) == []
+        # and the store's own erasure reaches a refused copy too
+        write_recovery(refused, [replace_id(other, "other-2")])
+        assert await store.delete_user(8) == 2
+        assert not refused.exists()
+    for file in db_path.parent.iterdir():
+        if file.is_file():
+            assert b"SECRET-7" not in file.read_bytes(), file
+
+
+def replace_id(record: SessionRecord, sid: str) -> SessionRecord:
+    return SessionRecord(**{**_record_fields(record), "id": sid})
+
+
+async def test_a_cancelled_aclose_leaves_no_worker_writing_to_a_closed_backend(db_path: Path) -> None:
+    backend = HangingBackend(db_path)
+    store = _store(backend, shutdown_timeout_seconds=30)
+    await store.start()
+    await store.ensure_session("s", user_id=1)
+    backend.hang = True
+    closing = asyncio.create_task(store.aclose())
+    await asyncio.sleep(0.2)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    await asyncio.sleep(0.2)
+    assert store.stats().total_failures == 0  # nothing kept retrying against the closed backend
+    with pytest.raises(ClosedError):
+        await store.flush()

@@ -48,11 +48,6 @@ def delta(session_id: str, user_id: int | str | None = 1) -> SessionDelta:
 # -- paths a store cannot use --------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=sqlite3.OperationalError,
-    reason="BUG: SQLiteBackend.open() lets sqlite3.OperationalError out when SQLite cannot open the path",
-)
 async def test_a_path_sqlite_cannot_open_is_a_storage_error_and_lets_go_of_the_file(tmp_path: Path) -> None:
     db_path = tmp_path / "chat_sessions.db"
     db_path.mkdir()  # a directory where the database should be (a mistyped mount, say)

@@ -34,6 +34,7 @@ from .config import Config
 from .errors import ConfigError, DatabaseLockedError, WriteBehindError
 from .export import export_json
 from .model import SessionRecord, UserId, check_user_id, utcnow
+from .recovery import recovery_path_for, scrub_recovery
 
 __all__ = ["main"]
 
@@ -81,6 +82,16 @@ def _duration(value: str) -> timedelta:
         raise click.BadParameter(f"{value!r}: give a number and d, h or m, like 90d")
     amount, unit = int(match[1]), match[2]
     return {"d": timedelta(days=amount), "h": timedelta(hours=amount), "m": timedelta(minutes=amount)}[unit]
+
+
+def _recovery_path(db: Path) -> Path:
+    """Where the app saves what a failed shutdown left: CHAT_SESSION_RECOVERY_PATH, or
+    beside the database."""
+    try:
+        configured = Config.from_env().recovery_path
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    return configured or recovery_path_for(db)
 
 
 def _default_db() -> Path:
@@ -187,7 +198,11 @@ def erase(db: Path, user: str, text_id: bool, yes: bool) -> None:
         # Asked only once the file is ours: a held file is refused before the question.
         if not yes:
             click.confirm(f"Erase every session of user {uid!r} from {db}? This cannot be undone", abort=True)
-        return await backend.delete_user(uid)
+        ids = await backend.delete_user(uid)
+        # And from what a failed shutdown left for the next start, or that start would
+        # bring the erased sessions back.
+        scrub_recovery(_recovery_path(db), lambda record: record.user_id == uid)
+        return ids
 
     ids = _run(
         work,

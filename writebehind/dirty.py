@@ -85,21 +85,12 @@ class DirtyIndex:
         """Distinct sessions dirty or in flight."""
         return len(self._dirty.keys() | self._inflight.keys())
 
-    def __contains__(self, session_id: str) -> bool:
-        return session_id in self._dirty
-
     def _marks(self, session_id: str) -> _Marks:
         marks = self._dirty.get(session_id)
         if marks is None:
             marks = self._dirty[session_id] = _Marks()
             self._hot.pin(session_id)
         return marks
-
-    def mark_row(self, session_id: str) -> None:
-        self._marks(session_id).row = True
-
-    def mark_message(self, session_id: str, seq: int) -> None:
-        self.mark(session_id, seq)
 
     def mark(self, session_id: str, seq: int | None = None, full: bool = False) -> int:
         """Mark the session row (and message `seq`, or every message); returns how many
@@ -287,9 +278,6 @@ class DirtyIndex:
             if sid not in self._dirty:
                 self._hot.unpin(sid)
             self._shrunk()
-
-    def session_ids(self) -> list[str]:
-        return list(self._dirty)
 
     def unsaved(self) -> list[Entry]:
         """Every session not known to be on disk: dirty or in flight (at shutdown)."""

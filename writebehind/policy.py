@@ -14,6 +14,11 @@ class PersistencePolicy(Protocol):
 
     Called on the request path whenever a session changes, so it must be cheap
     and must not do I/O.
+
+    A policy that persists anonymous sessions: their binding tokens are secrets and never
+    stored, so an anonymous session that has left memory (evicted, expired, a restart)
+    comes back sealed: no anonymous caller can open it by its id. Claim it at sign-in to
+    keep it.
     """
 
     def __call__(self, session_id: str, user_id: UserId | None) -> bool: ...

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Final
@@ -19,7 +19,7 @@ import orjson
 from .errors import StorageError
 from .model import SessionRecord, decode_record, encode_record, utcnow
 
-__all__ = ["read_recovery", "recovery_path_for", "write_recovery"]
+__all__ = ["read_recovery", "recovery_path_for", "scrub_recovery", "write_recovery"]
 
 _FORMAT: Final = 1
 
@@ -28,9 +28,10 @@ def recovery_path_for(db_path: Path) -> Path:
     return db_path.with_name(db_path.name + ".recovery")
 
 
-def write_recovery(path: Path, records: Sequence[SessionRecord]) -> None:
-    """Write `records` (appending to what an earlier failed shutdown left, if anything)."""
-    existing = read_recovery(path) if path.exists() else []
+def write_recovery(path: Path, records: Sequence[SessionRecord], *, replace_all: bool = False) -> None:
+    """Write `records` (added to what an earlier failed shutdown left, if anything, unless
+    `replace_all`)."""
+    existing = read_recovery(path) if path.exists() and not replace_all else []
     by_id = {r.id: r for r in existing}
     by_id.update((r.id, r) for r in records)
     payload = orjson.dumps(
@@ -67,3 +68,24 @@ def read_recovery(path: Path) -> list[SessionRecord]:
         return [replace(decode_record(item), version=item.get("version", 0)) for item in data["sessions"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise StorageError(f"cannot read the recovery file {path}: {exc}; left in place") from exc
+
+
+def scrub_recovery(path: Path, erased: Callable[[SessionRecord], bool]) -> int:
+    """Remove the sessions `erased` picks from the recovery file at `path` and from the
+    `<path>.refused-*` files kept beside it; returns how many. Erasure must reach these
+    copies too, or the next start would bring an erased session back. A file left empty
+    is removed."""
+    removed = 0
+    for file in [path, *sorted(path.parent.glob(path.name + ".refused-*"))]:
+        if not file.exists():
+            continue
+        records = read_recovery(file)
+        kept = [r for r in records if not erased(r)]
+        if len(kept) == len(records):
+            continue
+        removed += len(records) - len(kept)
+        if kept:
+            write_recovery(file, kept, replace_all=True)
+        else:
+            file.unlink()
+    return removed

@@ -299,9 +299,6 @@ class HotTier:
         if parked is not None:
             self.__drop(session_id, parked)
 
-    def is_pinned(self, session_id: str) -> bool:
-        return session_id in self.__pins
-
     def expire_idle(self, limit: int = 8) -> int:
         """Drop up to `limit` anonymous sessions idle past the TTL, oldest first, skipping
         pinned ones (a policy may persist anonymous sessions). Amortised O(1), never a scan."""

@@ -107,7 +107,6 @@ class FlushWorker:
         self._retry_at: float | None = None
         self._next_flush = 0.0
         self._stopping = False
-        self._restarts = 0
         # stats
         self._batches = 0
         self._sessions = 0
@@ -145,7 +144,6 @@ class FlushWorker:
         # while the event loop shuts down, when no new task may start.
         task = self._task
         if task is not None and task.done() and not self._stopping:
-            self._restarts += 1
             self.start()
 
     @property
@@ -173,6 +171,14 @@ class FlushWorker:
         self._task = None
         self._fail_pending(ClosedError("the store is closed"))
         return clean
+
+    def cancel(self) -> None:
+        """End the task without waiting for it (a shutdown that was itself cancelled)."""
+        self._stopping = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+        self._fail_pending(ClosedError("the store is closed"))
 
     async def abandon(self) -> None:
         """End the task at once, writing nothing more (a simulated crash, for tests)."""
@@ -357,7 +363,7 @@ class FlushWorker:
         then, and a touch is retried with the next flush."""
         try:
             await self._backend.write_batch([], touches)
-        except StorageError as exc:
+        except Exception as exc:  # a storage failure, or a bug: either way a read's time waits
             self._dirty.restore_touches(touches)
             LOG.warning("persisting %d sessions' last access failed, retrying later: %s", len(touches), exc)
             return

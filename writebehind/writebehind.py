@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -79,7 +80,7 @@ from .model import (
 )
 from .ownership import Access, Holds, ownership_for
 from .policy import PersistencePolicy, authenticated_only
-from .recovery import read_recovery, recovery_path_for, write_recovery
+from .recovery import read_recovery, recovery_path_for, scrub_recovery, write_recovery
 from .stats import StoreStats
 from .store import UNSET, Applied, Entry, SessionStore
 from .worker import FlushWorker
@@ -145,7 +146,7 @@ class WriteBehindStore:
         )
         self._merges = 0
         self._state = _NEW
-        self._loading: dict[str, asyncio.Task[None]] = {}
+        self._loading: dict[str, asyncio.Task[bool]] = {}
         # Sessions deleted while a load of theirs was in flight: that load may have read
         # the row before the delete committed, so it must read again.
         self._stale_loads: set[str] = set()
@@ -323,6 +324,7 @@ class WriteBehindStore:
                 # Cancelled, or something unexpected: the recovery file all the same, at
                 # once (a blocking write of a few files, at shutdown), then go on raising.
                 self._save_unsaved(quiet=True)
+                self._worker.cancel()  # it must not go on writing to a closed backend
             # Everything is on disk (or in the recovery file): the others may have it all.
             await self._ownership.close()
             await self._close_backend()
@@ -474,9 +476,13 @@ class WriteBehindStore:
                     if await self._ownership.acquire(sid, reading=True) is Access.ELSEWHERE:
                         return await self._backend.load_session(sid)
                     owned = True
-                await self._load(sid, owned=owned)
-                if sid in self._tier or self._gone.get(sid, 0) == gone:
+                found = await self._load(sid, owned=owned)
+                if sid in self._tier:
                     return None
+                if not found and self._gone.get(sid, 0) == gone:
+                    return None  # nowhere: the caller creates it, or it is not found
+                # Loaded, then pushed out of the LRU by other loads before this caller's turn
+                # (a small hot tier under many cold requests), or handed away: again.
         finally:
             left = watching[sid] - 1
             if left:
@@ -486,16 +492,18 @@ class WriteBehindStore:
                 self._gone.pop(sid, None)
         raise OwnershipError(sid, f"handed to other instances {_TAKE_ROUNDS} times before it could be used")
 
-    async def _load(self, session_id: str, *, owned: bool = False) -> None:
+    async def _load(self, session_id: str, *, owned: bool = False) -> bool:
+        """Load the session into memory (one load however many callers ask); whether the
+        database had it."""
         task = self._loading.get(session_id)
         if task is None:
             task = asyncio.create_task(self._do_load(session_id, owned), name="writebehind-load")
             self._loading[session_id] = task
             task.add_done_callback(lambda _: self._loading.pop(session_id, None))
         # Shielded: a caller that gives up does not cancel the others' load.
-        await asyncio.shield(task)
+        return await asyncio.shield(task)
 
-    async def _do_load(self, session_id: str, owned: bool = False) -> None:
+    async def _do_load(self, session_id: str, owned: bool = False) -> bool:
         """Own the session (another instance hands it over first), then load it."""
         try:
             if not owned:
@@ -508,8 +516,13 @@ class WriteBehindStore:
                     continue  # deleted meanwhile: what we read may be gone
                 if record is not None and session_id not in self._tier:
                     self._cold_hits += 1
+                    if record.user_id is None:
+                        # An anonymous session (a policy persisted it) comes back without
+                        # its binding token, which is never stored: seal it, so that no
+                        # anonymous caller who merely knows its id can open it.
+                        record = replace(record, user_binding_token=secrets.token_urlsafe(32))
                     self._tier.insert(record)
-                return
+                return record is not None
         finally:
             self._stale_loads.discard(session_id)
 
@@ -590,8 +603,12 @@ class WriteBehindStore:
                 await self._ownership.acquire(session_id)
                 if self._dirty.backlog() >= self._max_dirty:
                     await self._make_room()
+                # aclose() may have begun while this waited: its final flush would not see
+                # a write applied now, so refuse it rather than acknowledge it and lose it.
+                self._require_running()
         elif not self._hot_now(session_id):
             await self._admit(session_id, user_id, creating=creating)
+            self._require_running()  # the same, after a load or back-pressure
         entry, seq, full, result = apply(session_id, *args)
         if self._wrote(entry, seq, full) and durable:
             await self._worker.sync()
@@ -786,13 +803,15 @@ class WriteBehindStore:
         sid = check_id("session_id", session_id)
         uid = check_user_id(user_id)
         session = self._tier.peek(sid)
+        if session is not None and not session.owned_by(uid, binding_token):
+            raise NotFound(sid)
         if session is not None and not self._persists(session):
             # Never on disk: memory is all there is.
             await self._hot.delete_session(sid, user_id=uid, binding_token=binding_token)
             return
-        if session is not None and not session.owned_by(uid, binding_token):
-            raise NotFound(sid)
-        if session is None and not self._policy(sid, uid):
+        if session is None and (uid is None or not self._policy(sid, uid)):
+            # Not in memory: the disk row is deleted by id and owner, and an anonymous
+            # caller owns no row there (persisted anonymous sessions come back sealed).
             raise NotFound(sid)
 
         async def erase() -> bool:
@@ -803,7 +822,8 @@ class WriteBehindStore:
                 self._forget(sid)
             if on_disk or in_memory:
                 self._deleted([sid])
-            return on_disk or in_memory
+            kept = self._scrub_recovery(lambda record: record.id == sid and record.user_id == uid)
+            return on_disk or in_memory or bool(kept)
 
         if not await self._worker.call(erase):
             raise NotFound(sid)
@@ -820,7 +840,8 @@ class WriteBehindStore:
             for sid in in_memory:
                 self._dirty.discard(sid)
             self._deleted(on_disk | in_memory)
-            return len(on_disk | in_memory)
+            kept = self._scrub_recovery(lambda record: record.user_id == uid)
+            return len(on_disk | in_memory | kept)
 
         count = await self._worker.call(erase)
         ACCESS.info("erased user=%s sessions=%d", uid, count)
@@ -863,6 +884,26 @@ class WriteBehindStore:
                 merged.updated,
             )
         return again
+
+    def _scrub_recovery(self, erased: Callable[[SessionRecord], bool]) -> set[str]:
+        """Erasure reaches the copies a failed shutdown or replay kept on disk (the recovery
+        file, its `.refused-*` files): returns the ids removed there."""
+        path = self._recovery_path
+        if path is None:
+            return set()
+        found: set[str] = set()
+
+        def pick(record: SessionRecord) -> bool:
+            if erased(record):
+                found.add(record.id)
+                return True
+            return False
+
+        try:
+            scrub_recovery(path, pick)
+        except (OSError, StorageError) as exc:
+            LOG.error("erasure could not reach the recovery files beside %s: %s", path, exc)
+        return found
 
     def _forget(self, session_id: str) -> None:
         self._dirty.discard(session_id)

@@ -90,6 +90,14 @@ class Server:
             self.proc.wait(timeout=30)
         return self.output()
 
+    def close(self) -> str:
+        """The end of a test: a graceful stop (so that the server's coverage data is saved),
+        a SIGKILL if it does not end in time."""
+        try:
+            return self.stop(signal.SIGTERM)
+        except subprocess.TimeoutExpired:
+            return self.stop(signal.SIGKILL)
+
     def output(self) -> str:
         self.log.flush()
         return self.log_path.read_text()

@@ -43,9 +43,9 @@ def test_chat_in_a_browser_survives_a_reload_mid_reply(tmp_path: Path) -> None:
             page.click("#signin")
             expect(page.locator("#who")).to_have_text("signed in")
             page.click("#new")
-            expect(page.locator("#sessions li")).to_have_count(1)
             page.fill("#text", "hello from the browser")
             page.press("#text", "Enter")
+            expect(page.locator("#sessions li")).to_have_count(1)
             reply = page.locator(".msg.assistant")
             expect(reply).to_contain_text("token3", timeout=15_000)
             assert "token30" not in reply.inner_text()  # still streaming when we reload
@@ -58,7 +58,7 @@ def test_chat_in_a_browser_survives_a_reload_mid_reply(tmp_path: Path) -> None:
             browser.close()
         assert (tmp_path / "chat.png").stat().st_size > 1000
     finally:
-        server.stop(signal.SIGKILL)
+        server.close()
 
 
 def _signed_in_chat(page: Page, url: str) -> None:
@@ -66,8 +66,8 @@ def _signed_in_chat(page: Page, url: str) -> None:
     page.fill("#token", "tok-alice")
     page.click("#signin")
     expect(page.locator("#who")).to_have_text("signed in")
-    page.click("#new")
-    expect(page.locator("#sessions li")).to_have_count(1)
+    page.click("#new")  # nothing is created before the first message
+    expect(page.locator("#sessions li")).to_have_count(0)
 
 
 @needs_chromium
@@ -92,7 +92,7 @@ def test_a_reply_with_emoji_cjk_and_combining_marks_resumes_through_a_reload(tmp
             expect(page.locator(".msg.user")).to_have_text(said)
             browser.close()
     finally:
-        server.stop(signal.SIGKILL)
+        server.close()
 
 
 @needs_chromium
@@ -128,4 +128,4 @@ def test_a_page_open_across_a_crash_shows_the_cut_reply_as_interrupted(tmp_path:
             expect(reply).to_have_class(re.compile(r"\binterrupted\b"))
             browser.close()
     finally:
-        server.stop(signal.SIGKILL)
+        server.close()

@@ -22,7 +22,7 @@ def db_path(tmp_path: Path) -> Path:
 def server(db_path: Path) -> Iterator[Server]:
     s = Server(db_path)
     yield s
-    s.stop(signal.SIGKILL)
+    s.close()
 
 
 def test_sigterm_mid_reply_then_restart_and_resume_from_last_event_id(db_path: Path) -> None:
@@ -65,7 +65,7 @@ def test_sigterm_mid_reply_then_restart_and_resume_from_last_event_id(db_path: P
         assert seen + rest == stored == record["messages"][1]["content"]
         assert record["messages"][1]["done"] is True  # marked: interrupted by the shutdown
     finally:
-        second.stop(signal.SIGKILL)
+        second.close()
 
 
 def test_anonymous_session_is_gone_after_a_restart(db_path: Path) -> None:
@@ -90,7 +90,7 @@ def test_anonymous_session_is_gone_after_a_restart(db_path: Path) -> None:
         anon.cookies.set("wb_anon", cookie)
         assert anon.get(f"/api/sessions/{sid}").status_code == 404
     finally:
-        second.stop(signal.SIGKILL)
+        second.close()
 
 
 def test_another_users_session_answers_exactly_like_a_missing_one(server: Server) -> None:

@@ -67,7 +67,7 @@ def test_the_server_listens_where_CHAT_SERVER_HOST_and_PORT_say(tmp_path: Path) 
     try:
         assert client(server).get("/healthz").json()["status"] == "ok"
     finally:
-        server.stop(signal.SIGKILL)
+        server.close()
 
 
 def test_make_run_installs_only_the_server_extra_and_leaves_host_and_port_to_the_environment() -> None:
@@ -201,4 +201,4 @@ def test_a_second_server_on_the_same_sqlite_file_refuses(tmp_path: Path) -> None
         assert ONE_WORKER in out, out
         assert client(first).get("/healthz").status_code == 200  # the first one goes on
     finally:
-        first.stop(signal.SIGKILL)
+        first.close()

@@ -58,7 +58,7 @@ def test_a_message_sent_while_a_reply_streams_waits_and_every_reply_completes(tm
             (texts[seq], True, False) for seq in (1, 2, 3, 4)
         ]
     finally:
-        server.stop(signal.SIGKILL)
+        server.close()
 
 
 def _on_disk(db_path: Path, sid: str, seq: int) -> str | None:
@@ -104,7 +104,7 @@ def test_a_reply_cut_by_a_crash_is_marked_interrupted_and_a_client_ahead_gets_it
         assert again["event"] == "message"
         assert again["data"] == {
             "seq": 2, "id": reply["id"], "role": "assistant", "offset": 0, "text": survived,
-            "done": True, "interrupted": True, "rewound": True,
+            "done": True, "interrupted": True, "stopped": False, "rewound": True,
         }  # fmt: skip
         assert again["id"] == f"2:{utf16_len(survived)}d"
 
@@ -119,7 +119,7 @@ def test_a_reply_cut_by_a_crash_is_marked_interrupted_and_a_client_ahead_gets_it
                 break
         assert alice.get(f"/api/sessions/{sid}").json()["messages"][3]["content"] == _reply_to("again")
     finally:
-        second.stop(signal.SIGKILL)
+        second.close()
 
 
 def _follow_in_background(c: Any, sid: str) -> tuple[threading.Thread, list[dict[str, Any]], threading.Event]:
@@ -163,7 +163,7 @@ def test_erasing_a_session_or_the_user_ends_its_open_stream_with_gone(tmp_path: 
             assert all(e["event"] == "message" for e in got[:-1]), who
         assert alice.get(f"/api/sessions/{other}").status_code == 404  # erased with the user
     finally:
-        server.stop(signal.SIGKILL)
+        server.close()
 
 
 def test_offsets_and_event_ids_count_utf16_code_units(tmp_path: Path) -> None:
@@ -200,7 +200,7 @@ def test_offsets_and_event_ids_count_utf16_code_units(tmp_path: Path) -> None:
         e = next(sse(alice, sid, last_event_id=f"2:{inside}"))
         assert (e["data"]["offset"], e["data"]["text"], e["data"]["rewound"]) == (0, have, True)
     finally:
-        server.stop(signal.SIGKILL)
+        server.close()
 
 
 def test_a_stream_resumed_after_the_whole_message_gets_the_next_one(tmp_path: Path) -> None:
@@ -218,4 +218,4 @@ def test_a_stream_resumed_after_the_whole_message_gets_the_next_one(tmp_path: Pa
         first = next(sse(alice, sid, last_event_id=f"2:{utf16_len(_reply_to('one'))}d"))
         assert (first["data"]["seq"], first["data"]["text"]) == (3, "two")
     finally:
-        server.stop(signal.SIGKILL)
+        server.close()

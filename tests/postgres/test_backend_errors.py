@@ -202,18 +202,11 @@ async def test_a_connection_the_server_terminates_is_a_storage_error_and_the_poo
         (asyncpg.AdminShutdownError("terminating connection due to administrator command"), StorageError),
         (ConnectionResetError(104, "Connection reset by peer"), StorageError),
         (TimeoutError(), StorageError),
-        pytest.param(
+        (
             # What a query gets when it races the server's termination of its connection: seen
             # in 6 of 10 tries of pg_terminate_backend followed at once by a query (asyncpg 0.30).
             asyncpg.InternalClientError("cannot switch to state 15; another operation (2) is in progress"),
             StorageError,
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=asyncpg.InternalClientError,
-                reason="BUG: _errors does not map asyncpg.InternalClientError; the flush worker then "
-                "treats a lost connection as the session's bad data (bisect, poison)",
-            ),
-            id="InternalClientError",
         ),
     ],
     ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else None,

@@ -317,8 +317,10 @@ class PostgresBackend:
     async def delete_session(self, session_id: str, user_id: UserId | None) -> bool:
         s = self.schema
         async with _errors("delete_session"), self._acquire() as conn:
-            if user_id is None:
-                status = await conn.execute(f"DELETE FROM {s}.sessions WHERE id = $1", session_id)
+            if user_id is None:  # an anonymous session a policy persisted: only such a row
+                status = await conn.execute(
+                    f"DELETE FROM {s}.sessions WHERE id = $1 AND user_id IS NULL", session_id
+                )
             else:
                 kind, uid = _user(user_id)
                 status = await conn.execute(
@@ -504,5 +506,14 @@ class _errors:
         record_level = (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError)
         if isinstance(exc, record_level):
             raise RecordError(f"PostgreSQL {self._what} refused: {type(exc).__name__}: {exc}") from exc
-        if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError | OSError | TimeoutError):
+        # InternalClientError: what asyncpg raises for a query racing the server's end of
+        # the connection; the connection failed, not the data.
+        if isinstance(
+            exc,
+            asyncpg.PostgresError
+            | asyncpg.InterfaceError
+            | asyncpg.InternalClientError
+            | OSError
+            | TimeoutError,
+        ):
             raise StorageError(f"PostgreSQL {self._what} failed: {type(exc).__name__}: {exc}") from exc

@@ -137,9 +137,12 @@ class SQLiteBackend:
         reader = _Reader()
         try:
             _create_private(self.path)
-            writer = await aiosqlite.connect(self.path, isolation_level=None)
-            await self._check_and_migrate(writer)
-            await reader.connect(str(self.path), uri=False, busy_timeout_ms=self._busy_timeout_ms)
+            try:
+                writer = await aiosqlite.connect(self.path, isolation_level=None)
+                await self._check_and_migrate(writer)
+                await reader.connect(str(self.path), uri=False, busy_timeout_ms=self._busy_timeout_ms)
+            except sqlite3.Error as exc:  # a directory, a dangling link, a disk that refuses
+                raise StorageError(f"{self.path}: cannot open it: {exc}") from exc
         except BaseException:
             try:
                 await reader.close()
@@ -329,8 +332,8 @@ class SQLiteBackend:
 
     async def delete_session(self, session_id: str, user_id: UserId | None) -> bool:
         def delete(conn: sqlite3.Connection) -> bool:
-            if user_id is None:
-                cursor = conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+            if user_id is None:  # an anonymous session a policy persisted: only such a row
+                cursor = conn.execute("DELETE FROM sessions WHERE id = ? AND user_id IS NULL", (session_id,))
             else:
                 cursor = conn.execute(
                     "DELETE FROM sessions WHERE id = ? AND user_id = ?", (session_id, user_id)
@@ -641,7 +644,7 @@ def _session_row(delta: SessionDelta) -> tuple[Any, ...]:
 
 
 def _message_rows(deltas: Sequence[SessionDelta]) -> list[tuple[Any, ...]]:
-    # The flush's one per-message loop on the event loop, so written for speed: a freshly
+    # The flush's one per-message loop (in the writer's thread), so written for speed: a freshly
     # appended message shares one datetime for created_at and updated_at, converted once;
     # metadata was encoded once, when it was accepted.
     rows: list[tuple[Any, ...]] = []

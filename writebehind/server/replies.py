@@ -7,7 +7,11 @@ whole, and a stream never has two messages in flight.
 
 A reply's message says where it stands in its metadata: `{"done": false}` while a task
 writes it, `{"done": true}` at its end, plus `"interrupted": true` when it was cut (the
-server stopped, or the responder failed). A reply that is not done and that no task of
+server stopped, or the responder failed) or `"stopped": true` when the user stopped it
+(`stop()`: what was said is kept). `regenerate()` writes the last reply again, in place:
+until the store keeps branches, the new reply replaces the old one (same message, same
+`seq`), and `"attempt"` counts the rewrites so that a stream can tell it must start that
+message again. A reply that is not done and that no task of
 this process is writing was cut by a crash: `progress()` reports it as done and
 interrupted at once, and `settle()` stores that mark the first time its session is read
 after the restart (a store with no scan of every session can only do it then; no reader
@@ -28,24 +32,46 @@ from typing import Any, NamedTuple
 
 from .. import NotFound, SessionStore, StoredMessage, WriteBehindError, WriteBehindStore
 from .auth import Caller
+from .errors import ApiError
 from .responder import Responder
 
-__all__ = ["Progress", "Replies"]
+__all__ = ["Progress", "Replies", "attempt", "title_from"]
 
 LOG = logging.getLogger("writebehind.server")
 Store = SessionStore | WriteBehindStore
 
 
 class Progress(NamedTuple):
-    """Where a message stands: `done` (whole), `interrupted` (cut before its end)."""
+    """Where a message stands: `done` (whole), `interrupted` (cut before its end by the
+    server: a shutdown, a crash, a failing responder), `stopped` (ended by the user)."""
 
     done: bool
     interrupted: bool
+    stopped: bool = False
 
 
 _WHOLE = Progress(True, False)
 _CUT = Progress(True, True)
+_STOPPED = Progress(True, False, True)
 _WRITING = Progress(False, False)
+_TITLE_CHARS = 60
+
+
+def attempt(message: StoredMessage) -> int:
+    """How many times the reply `message` has been written: 1, then one more per regenerate."""
+    value = (message.metadata or {}).get("attempt", 1)
+    return value if isinstance(value, int) else 1
+
+
+def title_from(content: str) -> str:
+    """A session's title from its first message: its first line, cut at a word before
+    60 characters (with an ellipsis)."""
+    line = next((part.strip() for part in content.splitlines() if part.strip()), "")
+    line = " ".join(line.split())
+    if len(line) <= _TITLE_CHARS:
+        return line
+    cut = line[: _TITLE_CHARS - 1].rsplit(" ", 1)[0] or line[: _TITLE_CHARS - 1]
+    return cut + "\u2026"
 
 
 class Replies:
@@ -58,13 +84,16 @@ class Replies:
         self._writing: set[tuple[str, str]] = set()  # (session, message) a task here will finish
         self._last: dict[str, asyncio.Task[None]] = {}  # per session: the reply the next one waits for
         self._tasks: set[asyncio.Task[None]] = set()
+        # per session: its reply tasks, in order, by message id (what `stop()` ends)
+        self._running: dict[str, dict[str, asyncio.Task[None]]] = {}
+        self._stopping: set[tuple[str, str]] = set()  # (session, message) the user stopped
 
     def progress(self, session_id: str, message: StoredMessage) -> Progress:
         if message.role != "assistant":
             return _WHOLE
         meta = message.metadata or {}
         if meta.get("done", True):
-            return _CUT if meta.get("interrupted") else _WHOLE
+            return _CUT if meta.get("interrupted") else _STOPPED if meta.get("stopped") else _WHOLE
         return _WRITING if (session_id, message.id) in self._writing else _CUT
 
     async def settle(self, session_id: str, messages: Sequence[StoredMessage], who: Caller) -> None:
@@ -101,22 +130,100 @@ class Replies:
         except BaseException:
             self._writing.discard(key)
             raise
+        self._launch(session_id, reply, who)
+        if said.seq == 1:
+            await self._title(session_id, content, who)
+        return said, reply
+
+    async def regenerate(self, session_id: str, who: Caller) -> StoredMessage:
+        """Write the session's last reply again, in place (the same message, emptied, its
+        `attempt` one more), to the user message before it. Returns the emptied reply.
+        409 when the last message is not a reply, or is still being written (stop it first)."""
+        async with self._hold(session_id):
+            messages = await self._store.get_messages(session_id, **who.who)
+            last = messages[-1] if messages else None
+            if last is None or last.role != "assistant" or last.seq < 2:
+                raise ApiError(409, "conflict", f"session {session_id!r} has no reply to regenerate")
+            if not self.progress(session_id, last).done:
+                raise ApiError(
+                    409,
+                    "conflict",
+                    f"session {session_id!r}: the reply is still being written; stop it first",
+                )
+            key = (session_id, last.id)
+            self._writing.add(key)  # no await since the check: nobody else starts it meanwhile
+            try:
+                reply = await self._store.update_message(
+                    session_id,
+                    last.id,
+                    content="",
+                    metadata={"done": False, "attempt": attempt(last) + 1},
+                    **who.who,
+                )
+            except BaseException:
+                self._writing.discard(key)
+                raise
+        self._launch(session_id, reply, who)
+        return reply
+
+    async def stop(self, session_id: str, who: Caller) -> list[StoredMessage]:
+        """End the session's replies, the one being written and those waiting behind it:
+        each keeps what was said and is marked `stopped`. Returns them, in order, once each
+        has its mark. The caller has checked that `who` may see the session."""
+        running = dict(self._running.get(session_id, {}))
+        if not running:
+            return []
+        for message_id, task in running.items():
+            self._stopping.add((session_id, message_id))
+            task.cancel()
+        await asyncio.wait(running.values())
+        stopped = []
+        for m in await self._store.get_messages(session_id, **who.who):
+            if m.id not in running:
+                continue
+            meta = m.metadata or {}
+            if not meta.get("done", True):  # stopped before its task began: nothing was said
+                m = await self._store.update_message(
+                    session_id, m.id, metadata={**meta, "done": True, "stopped": True}, **who.who
+                )
+            stopped.append(m)
+        for message_id in running:
+            self._writing.discard((session_id, message_id))
+            self._stopping.discard((session_id, message_id))
+        self._notify(session_id)
+        return stopped
+
+    def _launch(self, session_id: str, reply: StoredMessage, who: Caller) -> None:
+        """A task writes `reply` once the session's earlier replies have ended."""
+        key = (session_id, reply.id)
         task = asyncio.create_task(
             self._write(session_id, reply, who, self._last.get(session_id)), name=f"reply-{session_id}"
         )
         self._last[session_id] = task
         self._tasks.add(task)
+        self._running.setdefault(session_id, {})[reply.id] = task
 
         def finished(task: asyncio.Task[None]) -> None:
             self._tasks.discard(task)
-            self._writing.discard(key)
+            if key not in self._stopping:  # else `stop()` lets go of it once it has its mark
+                self._writing.discard(key)
+            running = self._running.get(session_id, {})
+            running.pop(reply.id, None)
+            if not running:
+                self._running.pop(session_id, None)
             if self._last.get(session_id) is task:
                 del self._last[session_id]
             self._notify(session_id)
 
         task.add_done_callback(finished)
         self._notify(session_id)
-        return said, reply
+
+    async def _title(self, session_id: str, content: str, who: Caller) -> None:
+        """An untitled session takes its title from its first message."""
+        with contextlib.suppress(NotFound):
+            record = await self._store.get_session(session_id, **who.who)
+            if record.title is None and (title := title_from(content)):
+                await self._store.update_session(session_id, title=title, **who.who)
 
     async def _write(
         self, session_id: str, reply: StoredMessage, who: Caller, previous: asyncio.Task[None] | None
@@ -124,8 +231,13 @@ class Replies:
         """Stream the reply into its message, one `update_message` a token, holding the
         session (with several instances on PostgreSQL, it stays here until the reply ends;
         others read it meanwhile)."""
-        async with self._hold(session_id):
-            await self._produce(session_id, reply, who, previous)
+        try:
+            async with self._hold(session_id):
+                await self._produce(session_id, reply, who, previous)
+        except asyncio.CancelledError:
+            if (session_id, reply.id) not in self._stopping:
+                raise
+            # Stopped by the user: the reply ended as asked (its mark is stored).
 
     def _hold(self, session_id: str) -> contextlib.AbstractAsyncContextManager[None]:
         if isinstance(self._store, WriteBehindStore):
@@ -136,6 +248,8 @@ class Replies:
         self, session_id: str, reply: StoredMessage, who: Caller, previous: asyncio.Task[None] | None
     ) -> None:
         end: dict[str, Any] = {"done": True}
+        if attempt(reply) > 1:
+            end["attempt"] = attempt(reply)
         try:
             if previous is not None:
                 await asyncio.wait([previous])  # its outcome is its own
@@ -144,7 +258,8 @@ class Replies:
                 await self._store.update_message(session_id, reply.id, append=token, **who.who)
                 self._notify(session_id)
         except asyncio.CancelledError:
-            end["interrupted"] = True  # the server is stopping: keep what was said, mark it
+            # The user stopped it, or the server is stopping: keep what was said, mark which.
+            end["stopped" if (session_id, reply.id) in self._stopping else "interrupted"] = True
             raise
         except NotFound:
             return  # the session was erased mid-reply

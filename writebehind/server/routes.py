@@ -21,11 +21,13 @@ from .schemas import (
     SESSION_ID_PATTERN,
     ErrorBody,
     MessageOut,
+    MessagePage,
     NewMessage,
     NewSession,
     SessionList,
     SessionOut,
     SessionPatch,
+    Stopped,
     Turn,
 )
 from .settings import ServerSettings
@@ -46,6 +48,7 @@ _WHY: Final = {
     400: "a body that is not JSON, or a Last-Event-ID that is not `<seq>:<offset>[d]`",
     401: "an Authorization header that names nobody (the answer says `WWW-Authenticate: Bearer`)",
     404: "no such session for this caller: another user's answers exactly the same",
+    409: "the session is not in a state that allows it (the message says why)",
     413: "a body over CHAT_SERVER_MAX_BODY_BYTES",
     415: "a body that is not `application/json`",
     422: "a request the schema or the store refuses; the message names the field",
@@ -229,6 +232,54 @@ async def post_message(session_id: SessionId, body: NewMessage, request: Request
     )
 
 
+@router.get("/api/sessions/{session_id}/messages", responses=_answers(401, 404, 422, 503))
+async def list_messages(
+    session_id: SessionId,
+    request: Request,
+    after_seq: Annotated[int, Query(ge=0, le=1_000_000_000, description="messages after this seq")] = 0,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> MessagePage:
+    """The session's messages in `seq` order, one page: those with `seq > after_seq`, at
+    most `limit`; `next_after_seq` names the next page."""
+    who = caller(request)
+    replies = _replies(request)
+    sid = _check_id(session_id)
+    messages = await _store(request).get_messages(sid, after_seq=after_seq, limit=limit + 1, **who.who)
+    await replies.settle(sid, messages, who)
+    page = messages[:limit]
+    return MessagePage(
+        messages=[MessageOut.of(m, replies.progress(sid, m)) for m in page],
+        after_seq=after_seq,
+        limit=limit,
+        next_after_seq=page[-1].seq if len(messages) > limit else None,
+    )
+
+
+@router.post("/api/sessions/{session_id}/stop", responses=_answers(401, 404, 503))
+async def stop(session_id: SessionId, request: Request) -> Stopped:
+    """End the reply being written (and any waiting behind it): each keeps what was said
+    and is marked `stopped`. Nothing to stop is not an error: `{"stopped": []}`."""
+    who = caller(request)
+    replies = _replies(request)
+    sid = _check_id(session_id)
+    await _store(request).get_messages(sid, after_seq=0, limit=1, **who.who)  # 404 for another's
+    stopped = await replies.stop(sid, who)
+    return Stopped(stopped=[MessageOut.of(m, replies.progress(sid, m)) for m in stopped])
+
+
+@router.post("/api/sessions/{session_id}/regenerate", status_code=202, responses=_answers(401, 404, 409, 503))
+async def regenerate(session_id: SessionId, request: Request) -> MessageOut:
+    """A new reply to the last user message. Until the store keeps branches it replaces
+    the last reply in place: the same message (id, `seq`) is emptied and written again, and
+    open streams get it again from its start (`rewound`). 409 when the last message is
+    not a reply, or is still being written (stop it first)."""
+    who = caller(request)
+    replies = _replies(request)
+    sid = _check_id(session_id)
+    reply = await replies.regenerate(sid, who)
+    return MessageOut.of(reply, replies.progress(sid, reply))
+
+
 _EVENTS_DOC: Final = {
     "description": "Server-sent events, one `message` event per change of one message "
     "(`id: <seq>:<offset>[d]`, offsets in UTF-16 code units), a `gone` event when the session is "
@@ -238,7 +289,7 @@ _EVENTS_DOC: Final = {
             "schema": {"type": "string"},
             "example": 'id: 2:12\nevent: message\ndata: {"seq": 2, "id": "…", "role": "assistant", '
             '"offset": 0, "text": "You said: hi", "done": false, "interrupted": false, '
-            '"rewound": false}\n\n',
+            '"stopped": false, "rewound": false}\n\n',
         }
     },
 }

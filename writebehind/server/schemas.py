@@ -14,11 +14,13 @@ __all__ = [
     "ErrorBody",
     "ErrorDetail",
     "MessageOut",
+    "MessagePage",
     "NewMessage",
     "NewSession",
     "SessionList",
     "SessionOut",
     "SessionPatch",
+    "Stopped",
     "Turn",
 ]
 
@@ -72,7 +74,10 @@ class MessageOut(BaseModel):
     created_at: str
     updated_at: str
     done: bool = Field(description="the message is whole: false only while its reply is being written")
-    interrupted: bool = Field(description="the reply was cut before its end (a stop, a crash, a failure)")
+    interrupted: bool = Field(
+        description="the reply was cut before its end by the server (a shutdown, a crash, a failure)"
+    )
+    stopped: bool = Field(description="the user stopped the reply (`POST .../stop`): what was said is kept")
 
     @classmethod
     def of(cls, m: StoredMessage, progress: Progress) -> MessageOut:
@@ -85,6 +90,7 @@ class MessageOut(BaseModel):
             updated_at=m.updated_at.isoformat(),
             done=progress.done,
             interrupted=progress.interrupted,
+            stopped=progress.stopped,
         )
 
 
@@ -119,3 +125,18 @@ class SessionList(BaseModel):
 class Turn(BaseModel):
     user_message: MessageOut
     assistant_message: MessageOut
+
+
+class MessagePage(BaseModel):
+    messages: list[MessageOut]
+    after_seq: int
+    limit: int
+    next_after_seq: int | None = Field(
+        description="the `after_seq` of the next page; null when this page is the last"
+    )
+
+
+class Stopped(BaseModel):
+    stopped: list[MessageOut] = Field(
+        description="the replies this stop ended, in order (empty: none was being written)"
+    )

@@ -5,7 +5,7 @@ Wire format (one `message` event per change of one message)::
 
     id: <seq>:<offset>[d]
     event: message
-    data: {"seq", "id", "role", "offset", "text", "done", "interrupted", "rewound"}
+    data: {"seq", "id", "role", "offset", "text", "done", "interrupted", "stopped", "rewound"}
 
 `offset` and the id's offset count UTF-16 code units, the unit of JavaScript's
 `String.length` and `slice`, so that a page computes its resume point from the text it
@@ -22,6 +22,9 @@ then every later message, then the live tail (from memory, or from disk after a
 restart); `<seq>:<offset>d` starts at message `seq + 1`. A position the session does not
 have (ahead of what survived a crash, or inside a character) gets that message again
 from its start, flagged `"rewound": true`: the client replaces what it had from there.
+So does a reply rewritten in place by a regenerate, on every stream that had some of it.
+(A client that reconnects with `<seq>:<offset>d` after the last reply was rewritten to the
+same length keeps what it had: the event id does not name the attempt.)
 
 A session erased while streaming ends its streams with a `gone` event; a server that
 stops ends them cleanly (the client reconnects later with its `Last-Event-ID`).
@@ -41,7 +44,7 @@ from sse_starlette import ServerSentEvent
 from .. import NotFound, SessionStore, StoredMessage, UserId, WriteBehindStore
 from .auth import Caller
 from .errors import ApiError
-from .replies import Replies
+from .replies import Replies, attempt
 
 __all__ = ["EVENT_ID_PATTERN", "Broker", "Position", "resume_point", "stream", "utf16_len"]
 
@@ -177,29 +180,42 @@ async def stream(
     """The session's events from `start`, then the live tail, until the client leaves, the
     session is erased (`gone`) or the server stops."""
     seq, chars, units, rewound = start.seq, start.chars, start.units, start.rewound
+    # The attempt (see `replies.attempt`) of the message this stream last sent from: the
+    # one it stands on, or the one it has whole. A regenerate rewrites that message in
+    # place; a different attempt means the client must take it again from its start.
+    seen: dict[int, int] = {}
     broker.subscribe(session_id, who.user_id)
     try:
         while not broker.closed:
             changed = broker.waiter(session_id)  # before reading: a change after the read wakes us
             try:
-                messages = await store.get_messages(session_id, after_seq=seq - 1, **who.who)
+                window = await store.get_messages(session_id, after_seq=max(seq - 2, 0), **who.who)
             except NotFound:
                 yield ServerSentEvent(event="gone", data="{}")
                 return
-            for m in messages:
+            rewritten = next((m for m in window if seen.get(m.seq, attempt(m)) != attempt(m)), None)
+            if rewritten is not None:
+                seq, chars, units, rewound = rewritten.seq, 0, 0, True
+            for m in window:
+                if m.seq == seq - 1 or (m.seq == seq and chars):
+                    seen.setdefault(m.seq, attempt(m))
+            for m in window:
+                if m.seq < seq:
+                    continue
                 progress = replies.progress(session_id, m)
                 text = m.content[chars:]
                 if text or progress.done or rewound:
                     end = units + utf16_len(text)
                     data = {"seq": m.seq, "id": m.id, "role": m.role, "offset": units, "text": text,
                             "done": progress.done, "interrupted": progress.interrupted,
-                            "rewound": rewound}  # fmt: skip
+                            "stopped": progress.stopped, "rewound": rewound}  # fmt: skip
                     yield ServerSentEvent(
                         id=f"{m.seq}:{end}{'d' if progress.done else ''}",
                         event="message",
                         data=orjson.dumps(data).decode(),
                     )
                     chars, units, rewound = len(m.content), end, False
+                    seen = {m.seq: attempt(m)}
                 if not progress.done:
                     break  # the next message waits until this one is whole
                 seq, chars, units = m.seq + 1, 0, 0
