@@ -16,8 +16,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-import writebehind.errors
-
 from .server import Server, client, free_port, server_env, sse
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -188,10 +186,6 @@ def test_uvicorn_with_several_workers_on_sqlite_refuses_instead_of_serving_half(
     assert ONE_WORKER in out, out
 
 
-@pytest.mark.skipif(
-    not hasattr(writebehind.errors, "DatabaseLockedError"),
-    reason="the SQLite file lock (DatabaseLockedError) has not landed yet",
-)
 def test_a_second_server_on_the_same_sqlite_file_refuses(tmp_path: Path) -> None:
     first = Server(tmp_path / "chat.db")
     try:
