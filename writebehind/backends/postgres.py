@@ -361,16 +361,9 @@ class PostgresBackend:
             rows = await conn.fetch(self._load_one, session_id)
         if not rows:
             return None
-        row = rows[0]
-        return SessionRecord(
-            id=row["id"],
-            user_id=_from_user(row["user_kind"], row["user_id"]),
-            created_at=row["created_at"],
-            updated_at=row["updated_at"],
-            last_access_at=row["last_access_at"],
-            status=row["status"],
-            title=row["title"],
-            messages=tuple(
+        return _record(
+            rows[0],
+            tuple(
                 StoredMessage(
                     id=m["message_id"],
                     seq=m["seq"],
@@ -383,9 +376,6 @@ class PostgresBackend:
                 for m in rows
                 if m["seq"] is not None
             ),
-            client_ip=row["client_ip"],
-            user_agent=row["user_agent"],
-            version=row["version"],
         )
 
     async def _load(self, conn: asyncpg.Connection, ids: list[str]) -> list[SessionRecord]:
@@ -412,22 +402,7 @@ class PostgresBackend:
                     metadata_json=m["metadata"],
                 )
             )
-        return [
-            SessionRecord(
-                id=row["id"],
-                user_id=_from_user(row["user_kind"], row["user_id"]),
-                created_at=row["created_at"],
-                updated_at=row["updated_at"],
-                last_access_at=row["last_access_at"],
-                status=row["status"],
-                title=row["title"],
-                messages=tuple(messages[row["id"]]),
-                client_ip=row["client_ip"],
-                user_agent=row["user_agent"],
-                version=row["version"],
-            )
-            for row in rows
-        ]
+        return [_record(row, tuple(messages[row["id"]])) for row in rows]
 
     async def list_sessions(
         self, user_id: UserId, *, limit: int | None = None, offset: int = 0
@@ -488,6 +463,23 @@ class PostgresBackend:
         """Remove this backend's schema and everything in it (tests, and operators who mean it)."""
         async with _errors("drop_schema"), self._acquire() as conn:
             await conn.execute(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
+
+
+def _record(row: Any, messages: tuple[StoredMessage, ...]) -> SessionRecord:
+    """A session row (with its messages) as a record; the one place that reads its columns."""
+    return SessionRecord(
+        id=row["id"],
+        user_id=_from_user(row["user_kind"], row["user_id"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        last_access_at=row["last_access_at"],
+        status=row["status"],
+        title=row["title"],
+        messages=messages,
+        client_ip=row["client_ip"],
+        user_agent=row["user_agent"],
+        version=row["version"],
+    )
 
 
 class _errors:
