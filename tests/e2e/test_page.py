@@ -274,7 +274,7 @@ def test_desktop_and_phone_layouts_with_a_clean_console_and_screenshots(
             _say(page, "How does write-behind caching keep a chat fast?")
             _last_reply_done(page, _reply_to("How does write-behind caching keep a chat fast?"))
             _say(page, "Is anything lost if the server **crashes**? Say `flush` too")
-            _last_reply_done(page, re.compile(r"token40$"))
+            _last_reply_done(page, re.compile(r"^You said: .Is anything lost.*token40$"))
             expect(page.locator(".msg.assistant").last.locator("strong")).to_have_text("crashes")
             width = page.evaluate("document.documentElement.scrollWidth")
             assert width <= viewport["width"], (name, width)
