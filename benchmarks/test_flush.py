@@ -145,7 +145,7 @@ def test_flush(benchmark: BenchmarkFixture, loop: asyncio.AbstractEventLoop, tmp
         rounds=ROUNDS,
         per_round=MESSAGES,
         unit="message",
-        target="throughput >= 75% of raw",
+        target="throughput >= 90% of raw",
     )
     stats = store.stats()
     loop.run_until_complete(store.aclose())

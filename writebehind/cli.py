@@ -5,12 +5,15 @@ Works on the SQLite file directly. The reading verbs (`stats`, `sessions`, `expo
 app: WAL lets them read while it writes, and they take no lock, migrate nothing and
 write nothing.
 
-The changing verbs (`erase`, `purge`, `migrate`) need the file to themselves: a running
-app owns it (it holds recent sessions in memory and would write them back at its next
+`backups` lists the database's backups (CHAT_SESSION_BACKUP_DIR, or `--dir`).
+
+The changing verbs (`erase`, `purge`, `migrate`, `restore`) need the file to themselves: a
+running app owns it (it holds recent sessions in memory and would write them back at its next
 flush), and holds its lock. So on a file an app holds they refuse, and say how to do the
 same through the app: erase with the server's `DELETE /api/me` or `store.delete_user`,
 purge by the app's own retention (`store.purge_expired()`), and the app migrates the
-file when it starts. While one of them runs, an app cannot start on the file either.
+file when it starts; a restore needs the app stopped. While one of them runs, an app
+cannot start on the file either.
 
 Mistakes get one line on stderr and exit 1, never a traceback.
 """
@@ -30,11 +33,13 @@ import click
 import orjson
 
 from .backends.sqlite import SCHEMA_VERSION, SQLiteBackend
+from .backups import Backup, list_backups, restore_backup
 from .config import Config
 from .errors import ConfigError, DatabaseLockedError, WriteBehindError
 from .export import export_json
 from .model import SessionRecord, UserId, check_user_id, utcnow
 from .recovery import recovery_path_for, scrub_recovery
+from .stats import read_status, status_path_for
 
 __all__ = ["main"]
 
@@ -94,6 +99,35 @@ def _recovery_path(db: Path) -> Path:
     return configured or recovery_path_for(db)
 
 
+def _backup_dir(explicit: Path | None, *, required: bool = True) -> Path | None:
+    """`--dir`, else CHAT_SESSION_BACKUP_DIR."""
+    if explicit is not None:
+        return explicit
+    try:
+        configured = Config.from_env().backup_dir
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if configured is None and required:
+        raise click.ClickException("no backup directory: pass --dir, or set CHAT_SESSION_BACKUP_DIR")
+    return configured
+
+
+def _listed(directory: Path, db: Path) -> list[Backup]:
+    try:
+        return list_backups(directory, db)
+    except WriteBehindError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
 def _default_db() -> Path:
     try:
         return Config.from_env().db_path
@@ -116,7 +150,8 @@ text_option = click.option("--text-id", is_flag=True, help="Treat --user as a te
 def cli(ctx: click.Context, db: Path | None) -> None:
     """Inspect and maintain a writebehind session database."""
     path = db or _default_db()
-    if ctx.invoked_subcommand not in ("migrate", "backup") and not path.exists():
+    # A restore is what puts a lost database back; the backups are listed without it.
+    if ctx.invoked_subcommand not in ("migrate", "backup", "backups", "restore") and not path.exists():
         raise click.ClickException(f"{path} does not exist (use --db, or run the app once)")
     ctx.obj = path
 
@@ -125,8 +160,28 @@ def cli(ctx: click.Context, db: Path | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
 def stats(db: Path, as_json: bool) -> None:
-    """Counts, sizes, schema version and activity range."""
+    """Counts, sizes, schema version and activity range; the running app's cleanups and
+    backups (from the status file it keeps beside the database), and the backups on disk
+    (CHAT_SESSION_BACKUP_DIR)."""
     info = _run(lambda b: b.file_stats(), db)
+    info["db_bytes"] = info["file_bytes"] + info["wal_bytes"]
+    status = read_status(status_path_for(db))
+    if status is not None:
+        # What the app last reported (it rewrites the file when one of these changes):
+        # counts since that app started.
+        info["app_pid"] = status.get("pid")
+        info["app_reported_at"] = status.get("written_at")
+        for key in (
+            "last_cleanup_at", "cleanup_failures", "sessions_purged", "last_backup_at",
+            "backups_made", "backup_failures", "consecutive_backup_failures",
+            "consecutive_failures", "total_failures",
+        ):  # fmt: skip
+            info[key] = status.get(key)
+    directory = _backup_dir(None, required=False)
+    if directory is not None:
+        found = _listed(directory, db)
+        info["backups"] = len(found)
+        info["newest_backup_at"] = found[0].taken_at.isoformat() if found else None
     if as_json:
         click.echo(orjson.dumps(info, option=orjson.OPT_INDENT_2).decode())
         return
@@ -253,6 +308,78 @@ def backup(db: Path, dest: Path) -> None:
         raise click.ClickException(f"{db} does not exist")
     _run(lambda b: b.backup(dest), db)
     click.echo(f"backed up {db} to {dest} (integrity ok)")
+
+
+@cli.command()
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="The backup directory (default: $CHAT_SESSION_BACKUP_DIR).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def backups(db: Path, directory: Path | None, as_json: bool) -> None:
+    """The database's backups, newest first: when each was taken (UTC) and its size."""
+    where = _backup_dir(directory)
+    assert where is not None
+    if not where.is_dir():
+        raise click.ClickException(f"{where} is not a directory")
+    found = _listed(where, db)
+    if as_json:
+        rows = [{"path": str(b.path), "taken_at": b.taken_at.isoformat(), "bytes": b.size} for b in found]
+        click.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+    else:
+        for b in found:
+            click.echo(f"{b.taken_at.isoformat()}\t{b.size}\t{_size(b.size)}\t{b.path}")
+    click.echo(f"{len(found)} backup(s) of {db.name} in {where}", err=True)
+
+
+@cli.command()
+@click.argument("backup", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def restore(db: Path, backup: Path, yes: bool) -> None:
+    """Put BACKUP (a path, or a name in the backup directory) in place of the database.
+
+    The app must be stopped: a file an app holds is refused. The backup is copied and
+    checked (integrity, schema) before anything changes; the current database is kept
+    aside as <db>.before-restore-<time> (delete it once the restore is right).
+    """
+    if not backup.exists() and backup.name == str(backup):
+        directory = _backup_dir(None, required=False)
+        if directory is not None and (directory / backup).is_file():
+            backup = directory / backup
+    if not backup.is_file():
+        raise click.ClickException(f"{backup} is not a backup file")
+
+    def confirm() -> None:
+        # Asked only once the file is ours and the backup has passed its checks.
+        if not yes:
+            click.confirm(
+                f"Replace {db} with the backup {backup.name}? The current file is kept aside", abort=True
+            )
+
+    try:
+        aside = restore_backup(backup, db, confirm=confirm)
+    except DatabaseLockedError as exc:
+        pid = "unknown" if exc.pid is None else exc.pid
+        raise click.ClickException(
+            f"{db} is in use by a running app (pid {pid} on host {exc.host or 'unknown'}): "
+            "stop the app, then restore"
+        ) from None
+    except WriteBehindError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"restored {db} from {backup} (integrity ok)")
+    if aside is not None:
+        click.echo(f"the previous database is kept as {aside}: delete it once the restore is right")
+    if _recovery_path(db).exists():
+        click.echo(
+            f"note: {_recovery_path(db)} holds sessions a failed shutdown saved; the app replays "
+            "them onto the restored database when it starts (move it away to drop them)",
+            err=True,
+        )
 
 
 @cli.command()

@@ -16,6 +16,7 @@ __all__ = ["ENV_VARS", "Config"]
 
 SYNCHRONOUS_MODES: Final = ("OFF", "NORMAL", "FULL", "EXTRA")
 _SCHEMA_RE: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_YEAR_HOURS: Final = 366 * 24
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,12 +47,20 @@ class Config:
     # Where dirty sessions go when the backend refuses them at shutdown; None: beside the
     # database file. Put it on another disk than the database's, the one most likely full.
     recovery_path: Path | None = None
+    # Scheduled backups (writebehind.backups): a consistent copy of the SQLite file every
+    # `backup_interval_hours` into `backup_dir`, the newest `backup_keep` kept and none older
+    # than `retention_days`. None: no scheduled backups.
+    backup_dir: Path | None = None
+    backup_interval_hours: float = 6.0
+    backup_keep: int = 28
 
     def __post_init__(self) -> None:
         if not isinstance(self.db_path, Path):
             object.__setattr__(self, "db_path", Path(self.db_path))
         if self.recovery_path is not None and not isinstance(self.recovery_path, Path):
             object.__setattr__(self, "recovery_path", Path(self.recovery_path))
+        if self.backup_dir is not None and not isinstance(self.backup_dir, Path):
+            object.__setattr__(self, "backup_dir", Path(self.backup_dir))
         if not isinstance(self.db_schema, str) or _SCHEMA_RE.fullmatch(self.db_schema) is None:
             raise ConfigError(
                 f"db_schema must be a lower-case SQL identifier (a-z, 0-9, _; at most 63), "
@@ -67,6 +76,8 @@ class Config:
             "max_flushes_per_second",
             "max_message_bytes",
             "retry_max_delay_ms",
+            "backup_interval_hours",
+            "backup_keep",
         )
         for f in fields(self):
             value = getattr(self, f.name)
@@ -85,6 +96,22 @@ class Config:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.db_url is not None and not self.db_url.startswith(("postgresql://", "postgres://")):
             raise ConfigError(f"db_url must be a postgresql:// URL (unset means SQLite), got {self.db_url!r}")
+        if self.backup_interval_hours > _YEAR_HOURS:
+            raise ConfigError(
+                f"backup_interval_hours must be at most {_YEAR_HOURS} (a year), "
+                f"got {self.backup_interval_hours!r}"
+            )
+        if self.backup_dir is not None:
+            if self.db_url is not None:
+                raise ConfigError(
+                    "backup_dir is for SQLite only: scheduled backups copy the database file; with "
+                    "PostgreSQL (db_url) use pg_dump or the server's own backups, and unset it"
+                )
+            if self.retention_days == 0:
+                raise ConfigError(
+                    "backup_dir with retention_days 0: every backup would be deleted as soon as it "
+                    "is made (backups are kept no longer than the retention period)"
+                )
         mode = self.synchronous.upper()
         if mode not in SYNCHRONOUS_MODES:
             raise ConfigError(f"synchronous must be one of {SYNCHRONOUS_MODES}, got {self.synchronous!r}")
@@ -144,6 +171,9 @@ ENV_VARS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "max_message_bytes": ("CHAT_SESSION_MAX_MESSAGE_BYTES", int),
     "retry_max_delay_ms": ("CHAT_SESSION_RETRY_MAX_DELAY_MS", int),
     "recovery_path": ("CHAT_SESSION_RECOVERY_PATH", _path),
+    "backup_dir": ("CHAT_SESSION_BACKUP_DIR", _path),
+    "backup_interval_hours": ("CHAT_SESSION_BACKUP_INTERVAL_HOURS", float),
+    "backup_keep": ("CHAT_SESSION_BACKUP_KEEP", int),
 }
 
 assert set(ENV_VARS) == {f.name for f in fields(Config)}

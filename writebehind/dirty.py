@@ -39,11 +39,16 @@ class _Marks:
     row: bool = False
     full: bool = False
     seqs: set[int] = field(default_factory=set)
+    # The lowest message count since the last flush (`pop_message`): the disk's messages
+    # above it go. None: no message was removed.
+    truncate: int | None = None
 
     def merge(self, other: _Marks) -> None:
         self.row |= other.row
         self.full |= other.full
         self.seqs |= other.seqs
+        if other.truncate is not None and (self.truncate is None or other.truncate < self.truncate):
+            self.truncate = other.truncate
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +110,16 @@ class DirtyIndex:
         if full:
             marks.full = True
         return len(self._dirty)
+
+    def truncate(self, session_id: str, after: int) -> None:
+        """The session's messages above `after` were removed: the next flush deletes them on
+        disk first, and an appended message not yet written above it is no longer to write
+        (a seq appended again after this is marked again)."""
+        marks = self._marks(session_id)
+        marks.row = True
+        if marks.truncate is None or after < marks.truncate:
+            marks.truncate = after
+        marks.seqs = {seq for seq in marks.seqs if seq <= after}
 
     def mark_full(self, session_id: str) -> None:
         marks = self._marks(session_id)
@@ -201,8 +216,21 @@ class DirtyIndex:
                 rows = tuple(session.messages)
             else:
                 all_messages = session.messages
-                rows = tuple(all_messages[seq - 1] for seq in sorted(marks.seqs))
-            delta = SessionDelta(session.snapshot(with_messages=False), rows, len(session.messages))
+                count = len(all_messages)
+                seqs = marks.seqs
+                low = min(seqs, default=1)
+                high = max(seqs, default=0)
+                if high - low + 1 == len(seqs) and high <= count:
+                    # A run of seqs (what was appended since the last flush, the usual
+                    # case): one slice instead of a sort and a lookup a message.
+                    rows = tuple(all_messages[low - 1 : high])
+                else:
+                    # A seq above the count was popped after these marks were taken by a
+                    # batch that failed and came back (`restore`): `truncate` deletes it.
+                    rows = tuple(all_messages[seq - 1] for seq in sorted(seqs) if seq <= count)
+            delta = SessionDelta(
+                session.snapshot(with_messages=False), rows, len(session.messages), marks.truncate
+            )
             batch.append(Taken(session, marks, delta))
             self._inflight[sid] = self._inflight.get(sid, 0) + 1
             messages += len(rows)

@@ -32,6 +32,9 @@ _COUNTERS = (
     ("total_failures", "Flush attempts that failed."),
     ("backpressure_rejections", "Writes refused with BackPressureError."),
     ("sessions_purged", "Sessions deleted by retention."),
+    ("cleanup_failures", "Scheduled retention cleanups that failed."),
+    ("backups_made", "Scheduled backups written (integrity-checked)."),
+    ("backup_failures", "Scheduled backups that failed."),
 )
 _GAUGES = (
     ("hot_sessions", "Sessions in memory."),
@@ -42,6 +45,22 @@ _GAUGES = (
     ("durable_waiters", "Callers waiting for a durable flush."),
     ("consecutive_failures", "Flush failures since the last success."),
     ("poisoned_sessions", "Sessions whose data the backend refused; kept in memory."),
+    ("consecutive_backup_failures", "Scheduled backups failed since the last one that worked."),
+)
+# Known only once the store's background work has measured them (and never for a plain
+# SessionStore): left out until then, rather than a zero that would read as "empty".
+_MEASURED = (
+    ("db_bytes", "database_bytes", "Database size: SQLite file plus WAL, or PostgreSQL tables with indexes."),
+    ("wal_bytes", "wal_bytes", "SQLite's WAL file."),
+    ("sessions_on_disk", "sessions_on_disk", "Sessions in the database (counted every few minutes)."),
+    ("users_on_disk", "users_on_disk", "Users with sessions in the database (counted every few minutes)."),
+    ("backups_kept", "backups_kept", "Backup files in the backup directory after the last rotation."),
+)
+_TIMES = (
+    ("last_flush_at", "last_successful_flush", "When a flush last committed"),
+    ("last_cleanup_at", "last_successful_cleanup", "When a retention cleanup last completed"),
+    ("last_backup_at", "last_successful_backup", "When the last backup that worked started"),
+    ("disk_counted_at", "disk_counted", "When sessions and users on disk were last counted"),
 )
 
 
@@ -56,12 +75,17 @@ class StoreCollector(Collector):
             yield CounterMetricFamily(f"{self._ns}_{name}", doc, value=getattr(stats, name))
         for name, doc in _GAUGES:
             yield GaugeMetricFamily(f"{self._ns}_{name}", doc, value=getattr(stats, name))
-        last = stats.last_flush_at
-        yield GaugeMetricFamily(
-            f"{self._ns}_last_successful_flush_timestamp_seconds",
-            "When a flush last committed (Unix time; 0 if never).",
-            value=0.0 if last is None else last.timestamp(),
-        )
+        for name, metric, doc in _MEASURED:
+            value = getattr(stats, name)
+            if value is not None:
+                yield GaugeMetricFamily(f"{self._ns}_{metric}", doc, value=value)
+        for name, metric, doc in _TIMES:
+            at = getattr(stats, name)
+            yield GaugeMetricFamily(
+                f"{self._ns}_{metric}_timestamp_seconds",
+                f"{doc} (Unix time; 0 if never).",
+                value=0.0 if at is None else at.timestamp(),
+            )
         if stats.flush_latency_buckets:
             buckets = [
                 ("+Inf" if bound == float("inf") else repr(bound / 1000), count)

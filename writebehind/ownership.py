@@ -52,6 +52,7 @@ __all__ = [
     "Holder",
     "Holds",
     "LetGo",
+    "LiveSink",
     "NoOwnership",
     "Ownership",
     "lock_path_for",
@@ -184,13 +185,33 @@ Flush = Callable[[], Awaitable[None]]
 """The store's `flush()`: every write acknowledged so far is on disk when it returns."""
 
 
+class LiveSink(Protocol):
+    """The store's side of live following (`writebehind.live.Relay`), told by the ownership
+    what other instances send about sessions."""
+
+    def followed(self, session_id: str, follower: int) -> None:
+        """Instance `follower` follows a session kept here: send it every change from now."""
+
+    def unfollowed(self, session_id: str, follower: int) -> None:
+        """Instance `follower` no longer follows the session."""
+
+    def received(self, session_id: str, owner: int, payload: str | None) -> None:
+        """Changes to a session `owner` keeps (None: it let the session go; read it again)."""
+
+    def signalled(self, session_id: str, name: str) -> None:
+        """Another instance sent the app's signal `name` about a session kept here."""
+
+    def keeps(self, session_id: str) -> bool:
+        """Whether the session is in memory here (a follower then leaves it here)."""
+
+
 class Ownership(Protocol):
     """Who owns which session, for a store whose backend is shared by several instances."""
 
     async def start(self, let_go: LetGo, flush: Flush) -> None:
         """After the backend opened: take part (register, listen for requests)."""
 
-    async def acquire(self, session_id: str, *, reading: bool = False) -> Access:
+    async def acquire(self, session_id: str, *, reading: bool = False, follow: bool = False) -> Access:
         """Own the session before loading it (its previous owner lets go first)."""
 
     async def close(self) -> None:
@@ -207,7 +228,7 @@ class NoOwnership:
     async def start(self, let_go: LetGo, flush: Flush) -> None:
         return None
 
-    async def acquire(self, session_id: str, *, reading: bool = False) -> Access:
+    async def acquire(self, session_id: str, *, reading: bool = False, follow: bool = False) -> Access:
         return Access.OWNED
 
     async def close(self) -> None:

@@ -39,6 +39,7 @@ What a caller may rely on:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -49,9 +50,10 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Self, cast
 
 from .backends.base import Backend, RecordError, SessionDelta
+from .backups import BackupScheduler
 from .config import Config
 from .dirty import DirtyIndex, Taken
 from .errors import (
@@ -63,6 +65,7 @@ from .errors import (
     ValidationError,
 )
 from .export import export_json
+from .live import LiveView, Relay, Transport
 from .merge import merge_sessions
 from .model import (
     Metadata,
@@ -81,7 +84,7 @@ from .model import (
 from .ownership import Access, Holds, ownership_for
 from .policy import PersistencePolicy, authenticated_only
 from .recovery import read_recovery, recovery_path_for, scrub_recovery, write_recovery
-from .stats import StoreStats
+from .stats import DiskMonitor, StoreStats, status_path_for
 from .store import UNSET, Applied, Entry, SessionStore
 from .worker import FlushWorker
 
@@ -106,6 +109,8 @@ _INT64_MAX: Final = 2**63 - 1
 _LET_GO_FLUSHES: Final = 2
 # How often a miss takes a session again that was handed to another instance between its
 # load and its use (each round is a handoff: in practice one is enough).
+# A change that names no message (see `_write`): the relay compares only the count.
+_NO_SEQ: Final = 2**62
 _TAKE_ROUNDS: Final = 10
 
 
@@ -146,6 +151,7 @@ class WriteBehindStore:
         )
         self._merges = 0
         self._state = _NEW
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._loading: dict[str, asyncio.Task[bool]] = {}
         # Sessions deleted while a load of theirs was in flight: that load may have read
         # the row before the delete committed, so it must read again.
@@ -159,11 +165,24 @@ class WriteBehindStore:
         # the replies being produced here (a handoff waits for them).
         self._ownership = ownership_for(backend)
         self._holds = Holds()
+        # Streams here following sessions other instances keep, and the followers of the
+        # sessions kept here (see `live`); None with one instance per database.
+        self._relay: Relay | None = None
+        self._signal_handlers: list[Callable[[str, str], None]] = []
         # Sessions a miss is taking (`_own`), and how often each was let go meanwhile.
         self._watching: dict[str, int] = {}
         self._gone: dict[str, int] = {}
         self._purged = 0
         self._last_cleanup_at: datetime | None = None
+        self._cleanup_failures = 0
+        # The disk's figures for stats(), refreshed by the housekeeping (writebehind.stats),
+        # and the scheduled backups (writebehind.backups; None unless backup_dir is set).
+        db_file = getattr(backend, "path", None)
+        self._monitor = DiskMonitor(
+            getattr(backend, "disk_usage", None),
+            status_path=None if db_file is None else status_path_for(Path(db_file)),
+        )
+        self._backups = BackupScheduler.from_config(config, db_file)
 
     @classmethod
     def from_config(
@@ -208,6 +227,13 @@ class WriteBehindStore:
     def backend(self) -> Backend:
         return self._backend
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop `start()` ran on (None before): the one its worker and every call
+        belong to. Sync code in another thread hands its calls to this loop (the framework
+        adapters' sync forms do)."""
+        return self._loop
+
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -225,8 +251,17 @@ class WriteBehindStore:
         except BaseException:
             await self._backend.close()
             raise
+        attach = getattr(self._ownership, "attach", None)
+        if attach is not None:
+            self._relay = Relay(cast(Transport, self._ownership), self._peek_messages)
+            self._relay.signal_handlers = self._signal_handlers
+            attach(self._relay)
+            self._relay.start()
         self._worker.start()
         self._housekeeping = asyncio.create_task(self._housekeep(), name="writebehind-housekeeping")
+        if self._backups is not None:
+            self._backups.start()
+        self._loop = asyncio.get_running_loop()
         self._state = _RUNNING
 
     async def _replay_recovery(self) -> None:
@@ -242,8 +277,11 @@ class WriteBehindStore:
         for _ in range(_REPLAY_ROUNDS):
             if not pending:
                 break
+            # Truncated to the saved count: the disk may still hold messages popped after
+            # its last flush.
             deltas = [
-                SessionDelta(replace(r, messages=()), r.messages, len(r.messages)) for r in pending.values()
+                SessionDelta(replace(r, messages=()), r.messages, len(r.messages), len(r.messages))
+                for r in pending.values()
             ]
             try:
                 result = await self._backend.write_batch(deltas)
@@ -311,6 +349,10 @@ class WriteBehindStore:
         deadline = loop.time() + self.config.shutdown_timeout_seconds
         saved = False
         try:
+            if self._backups is not None:
+                # A copy in progress is only a reader: it gets a second at most, then is
+                # left to end on its own (writebehind.backups).
+                await self._backups.aclose(grace=min(1.0, max(0.0, deadline - loop.time())))
             if self._housekeeping is not None:
                 # Whatever it raised was logged there; shutdown goes on regardless.
                 self._housekeeping.cancel()
@@ -326,6 +368,8 @@ class WriteBehindStore:
                 self._save_unsaved(quiet=True)
                 self._worker.cancel()  # it must not go on writing to a closed backend
             # Everything is on disk (or in the recovery file): the others may have it all.
+            if self._relay is not None:
+                await self._relay.aclose()
             await self._ownership.close()
             await self._close_backend()
 
@@ -346,10 +390,14 @@ class WriteBehindStore:
     async def _abandon(self) -> None:
         """Stop as a SIGKILL would: no final flush, nothing saved. For crash tests only."""
         self._state = _CLOSED
+        if self._backups is not None:
+            await self._backups.aclose(grace=0)
         if self._housekeeping is not None:
             self._housekeeping.cancel()
             await asyncio.wait([self._housekeeping])
         await self._worker.abandon()
+        if self._relay is not None:
+            await self._relay.aclose(tell=False)
         await self._ownership.abandon()
         await self._backend.close()
 
@@ -441,7 +489,13 @@ class WriteBehindStore:
             raise ClosedError("the store is closed" if self._state == _CLOSED else "call start() first")
 
     async def _ready(
-        self, session_id: str, user_id: UserId | None, *, creating: bool = False, reading: bool = False
+        self,
+        session_id: str,
+        user_id: UserId | None,
+        *,
+        creating: bool = False,
+        reading: bool = False,
+        follow: bool = False,
     ) -> SessionRecord | None:
         """Make sure the session is in memory, owned by this instance, if it exists anywhere.
         Suspends only on a miss. The caller goes on without an await in between, so no
@@ -459,10 +513,10 @@ class WriteBehindStore:
         # Creating with a chosen id must see a persisted session of that id, whoever asks,
         # or an anonymous caller could shadow a signed-in user's session in memory.
         if creating or self._policy(sid, uid):
-            return await self._own(sid, reading)
+            return await self._own(sid, reading, follow)
         return None
 
-    async def _own(self, sid: str, reading: bool) -> SessionRecord | None:
+    async def _own(self, sid: str, reading: bool, follow: bool = False) -> SessionRecord | None:
         """`_ready`'s miss: take the session (its owner elsewhere hands it over) and load it.
         Between the load's end and this caller's turn another instance may have been handed
         it: then it is taken again, never used (or created) unowned."""
@@ -473,7 +527,9 @@ class WriteBehindStore:
                 gone = self._gone.get(sid, 0)
                 owned = False
                 if reading:
-                    if await self._ownership.acquire(sid, reading=True) is Access.ELSEWHERE:
+                    if follow and self._relay is not None:
+                        self._relay.begin(sid)
+                    if await self._ownership.acquire(sid, reading=True, follow=follow) is Access.ELSEWHERE:
                         return await self._backend.load_session(sid)
                     owned = True
                 found = await self._load(sid, owned=owned)
@@ -610,6 +666,10 @@ class WriteBehindStore:
             await self._admit(session_id, user_id, creating=creating)
             self._require_running()  # the same, after a load or back-pressure
         entry, seq, full, result = apply(session_id, *args)
+        relay = self._relay
+        if relay is not None and session_id in relay.followers:
+            # No seq: a change of the session's row, or a pop (the relay sees fewer messages).
+            relay.changed(session_id, _NO_SEQ if seq is None else seq)
         if self._wrote(entry, seq, full) and durable:
             await self._worker.sync()
         return result
@@ -715,6 +775,34 @@ class WriteBehindStore:
             binding_token,
         )
         return message
+
+    async def pop_message(
+        self,
+        session_id: str,
+        *,
+        user_id: UserId | None,
+        binding_token: str | None = None,
+        durable: bool = False,
+    ) -> StoredMessage | None:
+        """Remove the session's last message and return it (None if it has none).
+
+        Its `seq` is re-used by the next append, so seqs stay gap-free; an SSE client that
+        had the popped message must be told to drop it (its event id now names another).
+        Acknowledged from memory like any write; with `durable=True` it returns once the
+        message is gone from disk too.
+        """
+        message: StoredMessage | None = await self._write(
+            session_id, user_id, durable, self._do_pop, user_id, binding_token
+        )
+        return message
+
+    def _do_pop(self, session_id: str, user_id: UserId | None, binding_token: str | None) -> Applied:
+        """`SessionStore.do_pop`, and the dirty index told what to delete on disk."""
+        applied = self._hot.do_pop(session_id, user_id, binding_token)
+        entry, _, _, message = applied
+        if message is not None and self._persists(entry):
+            self._dirty.truncate(entry.id, message.seq - 1)
+        return applied
 
     async def update_message(
         self,
@@ -908,6 +996,85 @@ class WriteBehindStore:
     def _forget(self, session_id: str) -> None:
         self._dirty.discard(session_id)
         self._tier.remove(session_id)
+        if self._relay is not None:
+            self._relay.dropped(session_id)
+
+    # -- live streams (several instances) ------------------------------------------------------
+
+    def _peek_messages(self, session_id: str) -> list[StoredMessage] | None:
+        entry = self._tier.peek(session_id)
+        return None if entry is None else entry.messages
+
+    def on_signal(self, handler: Callable[[str, str], None]) -> None:
+        """Call `handler(session_id, name)` when another instance `signal()`s a session kept
+        here (with one instance per database nothing ever arrives)."""
+        self._signal_handlers.append(handler)
+
+    async def signal(self, session_id: str, name: str) -> bool:
+        """Send the app's signal `name` (an identifier, e.g. "stop") to the instance that
+        keeps the session, if another one does; whether one was told. Fire and forget: the
+        receiver's handler acts on it as it sees fit. Raises StorageError."""
+        sid = check_id("session_id", session_id)
+        if not name.isidentifier():
+            raise ValidationError("name", "must be an identifier")
+        if self._relay is None:
+            return False
+        return await cast(Transport, self._ownership).signal(sid, name)
+
+    def kept_elsewhere(self, session_id: str) -> bool:
+        """Whether the session's last read here came from another instance that keeps it
+        (a reply is being written there): only possible with several instances sharing a
+        database. A reply read that way that is not done is being written, not cut."""
+        return self._relay is not None and session_id not in self._tier
+
+    @contextlib.asynccontextmanager
+    async def follow(
+        self,
+        session_id: str,
+        *,
+        user_id: UserId | None,
+        on_change: Callable[[str], None],
+        binding_token: str | None = None,
+    ) -> AsyncIterator[LiveView]:
+        """`async with store.follow(sid, user_id=..., on_change=...) as view:` for a stream
+        of the session: `await view.messages(after_seq)` reads it, `on_change(sid)` is
+        called when another instance that keeps it changed it (changes made here are the
+        app's to announce). With one instance per database it is `get_messages`."""
+        sid = check_id("session_id", session_id)
+        view = LiveView(sid, user_id, binding_token, self._followed_messages)
+        relay = self._relay
+        if relay is None:
+            yield view
+            return
+        relay.listen(sid, on_change)
+        try:
+            yield view
+        finally:
+            relay.unlisten(sid, on_change)
+
+    async def _followed_messages(self, view: LiveView, after_seq: int) -> tuple[StoredMessage, ...]:
+        sid, relay = view.session_id, self._relay
+        for _ in range(_TAKE_ROUNDS):
+            if relay is None or self._hot_now(sid):
+                break
+            replica = relay.replica(sid)
+            if replica is not None and not replica.stale and not replica.loading:
+                if replica.user_id is None or replica.user_id != view.user_id:
+                    raise NotFound(sid)
+                view.remote = True
+                check_window(after_seq, None)
+                return tuple(replica.messages[after_seq:])
+            record = await self._ready(sid, view.user_id, reading=True, follow=True)
+            if record is None:
+                break  # kept here now (or nowhere: NotFound below)
+            owner = cast(Transport, self._ownership).kept_by(sid)
+            relay.adopt(sid, self._read_elsewhere(sid, view.user_id, record), owner)
+        view.remote = False
+        if relay is not None:
+            relay.discard(sid)
+        return await self.get_messages(
+            sid, user_id=view.user_id, after_seq=after_seq, binding_token=view.binding_token
+        )
 
     # -- several instances (PostgreSQL): ownership ---------------------------------------------
 
@@ -934,6 +1101,8 @@ class WriteBehindStore:
 
     def _went(self, session_id: str) -> None:
         """The session was let go: a miss taking it meanwhile takes it again."""
+        if self._relay is not None:
+            self._relay.dropped(session_id)
         if session_id in self._watching:
             self._gone[session_id] = self._gone.get(session_id, 0) + 1
 
@@ -981,7 +1150,7 @@ class WriteBehindStore:
     def stats(self) -> StoreStats:
         hot = self._hot.stats()
         worker = self._worker.stats()
-        return replace(
+        stats = replace(
             hot,
             hot_hits=max(0, hot.hot_hits - self._cold_hits),
             cold_hits=self._cold_hits,
@@ -1007,7 +1176,25 @@ class WriteBehindStore:
             sessions_purged=self._purged,
             conflicts=self._merges,
             last_cleanup_at=self._last_cleanup_at,
+            cleanup_failures=self._cleanup_failures,
         )
+        # The disk's figures and the backups' come from what their background work found:
+        # stats() does no I/O.
+        stats = self._monitor.fill(stats)
+        return stats if self._backups is None else self._backups.fill(stats)
+
+    @property
+    def backups(self) -> BackupScheduler | None:
+        """The scheduled backups (CHAT_SESSION_BACKUP_DIR), None when they are off."""
+        return self._backups
+
+    async def refresh_stats(self) -> StoreStats:
+        """Take the disk's figures now (size, sessions and users on disk) rather than at the
+        housekeeping's next round, and return `stats()`. For a health check that must be
+        current; a metrics scrape reads `stats()`, which does no I/O."""
+        self._require_running()
+        await self._monitor.refresh(counts=True, report=self.stats)
+        return self.stats()
 
     # -- the user's rights and the operator's tools -------------------------------------------
 
@@ -1127,19 +1314,25 @@ class WriteBehindStore:
     # -- background housekeeping ---------------------------------------------------------------
 
     async def _housekeep(self) -> None:
-        """Retention on its interval and the anonymous TTL sweep. Any failure is logged and
-        the task carries on: it must never be what stops a shutdown's final flush."""
+        """Retention on its interval, the disk's figures for stats() (every round: sizes;
+        counts every few minutes and after a cleanup) and the anonymous TTL sweep. Any
+        failure is logged and the task carries on: it must never be what stops a shutdown's
+        final flush."""
         period = max(0.5, min(60.0, self.config.anon_ttl_seconds / 2))
         loop = asyncio.get_running_loop()
         cleanup_every = self.config.cleanup_interval_hours * 3600
         next_cleanup = loop.time()  # once at start, then on the interval
         while True:
+            cleaned = False
             if loop.time() >= next_cleanup:
                 next_cleanup = loop.time() + cleanup_every
+                cleaned = True
                 try:
                     await self.purge_expired()
                 except Exception:
+                    self._cleanup_failures += 1
                     LOG.exception("retention cleanup failed; retrying at the next interval")
+            await self._monitor.refresh(counts=cleaned, report=self.stats)
             await asyncio.sleep(min(period, max(0.0, next_cleanup - loop.time())))
             expired = 1000
             while expired == 1000:

@@ -33,7 +33,17 @@ def server_env(db_path: Path, delay_ms: int = 20, extra_env: dict[str, str] | No
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("CHAT_SESSION_", "CHAT_DEMO", "CHAT_SERVER", "WEB_CONCURRENCY"))
+        if not k.startswith(
+            (
+                "CHAT_SESSION_",
+                "CHAT_DEMO",
+                "CHAT_SERVER",
+                "CHAT_AUTH_",
+                "CHAT_COOKIE_",
+                "CHAT_MODEL_",
+                "WEB_CONCURRENCY",
+            )
+        )
     }
     env.update(
         CHAT_SESSION_DB_PATH=str(db_path),

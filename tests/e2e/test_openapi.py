@@ -74,7 +74,7 @@ def test_the_openapi_document_says_what_the_server_does(server: Server) -> None:
     assert set(wrong_method.headers["allow"].split(", ")) >= {"GET", "PATCH", "DELETE"}
     assert wrong_method.json()["error"]["type"] == "method_not_allowed"
     nobody = client(server).get("/api/sessions", headers={"Authorization": "Bearer nope"})
-    assert nobody.status_code == 401 and nobody.headers["www-authenticate"] == "Bearer"
+    assert nobody.status_code == 401 and nobody.headers["www-authenticate"] == 'Bearer error="invalid_token"'
 
 
 @pytest.mark.skipif(

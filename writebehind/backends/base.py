@@ -37,11 +37,16 @@ class SessionDelta:
     writer last saw: 0 means "insert, the row must not exist"; n means "update, the row
     must still be at version n". Anything else is a conflict: another writer (an app
     instance, an erasure) got there first, and nothing of this session is written.
+
+    `truncate_after`: messages were removed (`pop_message`) since the last flush; delete
+    the session's stored messages with `seq > truncate_after` in the same transaction,
+    before writing `messages` (which may re-use those seqs). None: nothing was removed.
     """
 
     record: SessionRecord
     messages: tuple[StoredMessage, ...]
     message_count: int
+    truncate_after: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,8 +41,18 @@ The messages (`n` numbers a request, so that an answer is matched to the one it 
                                      at once, else just    flushing it: flushed <sid> <n>
                                      flush it"
 
+    follow <sid> <requester> <n>    a `read` that also     -> as `read`; until the session leaves
+                                     registers the            the owner, each change to it is sent
+                                     requester as a           to the requester as `live <sid> <json>`
+                                     follower                 (see `writebehind.live`), and when it
+                                                              leaves, `resync <sid>`
+    unfollow <sid> <requester>      "stop sending"          (no answer)
+
 A `read` is the sketch's `flush` folded into the handoff request: one round trip instead
-of two when the session is held, and nothing left pending at the owner after a read.
+of two when the session is held, and nothing left pending at the owner after a read. A
+`follow` registers the follower before the flush, so that every change after what the
+follower will load reaches it as a `live` message (one it already has is recognised by
+its offset and skipped).
 Handing the claim over (`given`) rather than deleting it saves the requester a take.
 
 Waits are bounded: an owner whose lock says it is alive but that does not answer within
@@ -68,7 +78,7 @@ import asyncpg
 
 from ..errors import ClosedError, OwnershipError, StorageError, ValidationError, WriteBehindError
 from ..model import check_id
-from ..ownership import Access, Flush, LetGo
+from ..ownership import Access, Flush, LetGo, LiveSink
 
 if TYPE_CHECKING:
     from .postgres import PostgresBackend
@@ -82,7 +92,9 @@ LOG = logging.getLogger("writebehind")
 _CLOSE_TIMEOUT_S: Final = 1.0
 _RECONNECT_MAX_DELAY_S: Final = 5.0
 _MAX_KEY_TRIES: Final = 100
-_REQUESTS: Final = frozenset({"handoff", "read"})
+# Bounds `kept_by` (the owner of each session last read elsewhere).
+_MAX_KEPT_BY: Final = 10_000
+_REQUESTS: Final = frozenset({"handoff", "read", "follow"})
 _REPLIES: Final = frozenset({"held", "flushed", "given", "released"})
 
 
@@ -218,6 +230,10 @@ class PostgresOwnership:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reconnecting: asyncio.Task[None] | None = None
         self._handoffs = self._takeovers = self._given = self._reads_elsewhere = self._timeouts = 0
+        # Live following (see `writebehind.live`): who keeps the sessions this instance last
+        # read elsewhere, and where `follow`, `unfollow`, `live` and `resync` messages go.
+        self._kept_by: dict[str, int] = {}
+        self._live: LiveSink | None = None
         # One statement, one round trip, whatever the outcome: `taken` is 1 if the claim is
         # now this instance's; else `owner` (as of the statement's snapshot) holds it and,
         # unless $4 is null, was sent the request $4 on its channel ($3 || owner). A row
@@ -267,6 +283,71 @@ class PostgresOwnership:
         return OwnershipStats(
             self._id, self._handoffs, self._takeovers, self._given, self._reads_elsewhere, self._timeouts
         )
+
+    def attach(self, live: LiveSink) -> None:
+        """Where the messages of live following go (the store's `writebehind.live.Relay`)."""
+        self._live = live
+
+    def kept_by(self, session_id: str) -> int | None:
+        """The instance that kept the session at this instance's last read of it elsewhere."""
+        return self._kept_by.get(session_id)
+
+    async def tell(self, session_id: str, instances: Sequence[int], payloads: Sequence[str]) -> None:
+        """Send each payload, in order, to each of these instances as `live <sid> <payload>`
+        (an empty payload: `resync <sid>`). One statement; NOTIFYs of one transaction arrive
+        in order, and this is awaited before the next, so every follower sees them in order."""
+        if not instances or not payloads:
+            return
+        channels = [channel_of(self._namespace, i) for i in instances for _ in payloads]
+        me = self._require_id()
+        messages = [
+            f"live {session_id} {me} {p}" if p else f"resync {session_id} {me}"
+            for _ in instances
+            for p in payloads
+        ]
+        async with self._backend.connection("live changes") as conn:
+            await conn.execute(
+                "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS t(c, p, n) "
+                "ORDER BY n",
+                channels,
+                messages,
+            )
+
+    async def unfollow(self, session_id: str, owner: int) -> None:
+        """Tell `owner` to stop sending this instance the session's changes."""
+        me = self._require_id()
+        async with self._backend.connection("unfollow") as conn:
+            await conn.execute(
+                "SELECT pg_notify($1, $2)", channel_of(self._namespace, owner), f"unfollow {session_id} {me}"
+            )
+
+    async def signal(self, session_id: str, name: str) -> bool:
+        """Send `name` to the live instance that owns the session, if that is not this one
+        (the app's request, say "stop the reply you are writing"); whether one was told."""
+        me = self._require_id()
+        async with self._backend.connection("signal") as conn:
+            told = await conn.fetchval(
+                "SELECT count(pg_notify($2::text || o.owner, "
+                "'signal ' || $1::text || ' ' || $3::bigint || ' ' || $4::text)) "
+                f"FROM {self._schema}.owners o WHERE o.session_id = $1 AND o.owner <> $3",
+                session_id,
+                channel_of(self._namespace, None),
+                me,
+                name,
+            )
+        return bool(told)
+
+    async def alive(self, instances: Sequence[int]) -> set[int]:
+        """Which of these instances are alive (registered, their lock held)."""
+        if not instances:
+            return set()
+        async with self._backend.connection("liveness") as conn, conn.transaction():
+            rows = await conn.fetch(
+                f"SELECT id FROM {self._schema}.instances WHERE id = ANY($1::bigint[]) "
+                "AND NOT pg_try_advisory_xact_lock(lock_key)",
+                list(instances),
+            )
+        return {int(row["id"]) for row in rows}
 
     def pending_handoffs(self, session_id: str) -> int:
         """Handoff requests for the session waiting here for its holds to end."""
@@ -424,17 +505,18 @@ class PostgresOwnership:
 
     # -- the requester's side ------------------------------------------------------------------
 
-    async def acquire(self, session_id: str, *, reading: bool = False) -> Access:
+    async def acquire(self, session_id: str, *, reading: bool = False, follow: bool = False) -> Access:
         """Make this instance the session's owner, asking its current owner to let go if it
         is alive, and return `Access.OWNED` (load it now). With `reading`, an owner that
         keeps the session (a reply streaming into it) flushes it instead, and this returns
-        `Access.ELSEWHERE` (read it from the database, do not keep it).
+        `Access.ELSEWHERE` (read it from the database, do not keep it). `follow` is `reading`,
+        and the owner also sends this instance the session's changes from then on.
 
         Raises `OwnershipError` if the owner did not answer in time, `StorageError` if the
         database failed, `ClosedError` once closing."""
         loop = asyncio.get_running_loop()
         me = self._require_id()
-        verb = "read" if reading else "handoff"
+        verb = "follow" if follow else "read" if reading else "handoff"
         waiter = _Waiter()
         waiters = self._waiters.setdefault(session_id, set())
         waiters.add(waiter)
@@ -497,6 +579,9 @@ class PostgresOwnership:
                     return Access.OWNED
                 if reply == "flushed":
                     self._reads_elsewhere += 1
+                    self._kept_by[session_id] = owner.id
+                    if len(self._kept_by) > _MAX_KEPT_BY:
+                        del self._kept_by[next(iter(self._kept_by))]
                     return Access.ELSEWHERE
                 # "released": take it on the next turn (or ask whoever has it now).
                 held_since = (held_since or now) if reply == "held" else None
@@ -537,9 +622,22 @@ class PostgresOwnership:
 
     def _on_notify(self, _conn: object, _pid: int, channel: str, payload: object) -> None:
         try:
-            verb, sid, *rest = str(payload).split(" ")
+            text = str(payload)
+            verb, sid, *rest = text.split(" ", 3 if text.startswith("live ") else -1)
             check_id("session_id", sid)
-            if verb in _REQUESTS and len(rest) == 2:
+            if verb in ("live", "resync") and len(rest) == (2 if verb == "live" else 1):
+                if self._live is not None:
+                    self._live.received(sid, int(rest[0]), rest[1] if verb == "live" else None)
+            elif verb == "signal" and len(rest) == 2 and rest[1].isidentifier():
+                if self._live is not None:
+                    self._live.signalled(sid, rest[1])
+            elif verb == "unfollow" and len(rest) == 1:
+                if self._live is not None:
+                    self._live.unfollowed(sid, int(rest[0]))
+            elif verb in _REQUESTS and len(rest) == 2:
+                if verb == "follow" and self._live is not None:
+                    # Before the flush that answers it: every later change reaches the follower.
+                    self._live.followed(sid, int(rest[0]))
                 self._request(sid, _Request(verb, int(rest[0]), int(rest[1])))
             elif verb in _REPLIES and len(rest) == 1:
                 number = int(rest[0])
@@ -578,16 +676,24 @@ class PostgresOwnership:
                 if serving.new:
                     batch = list(serving.new)
                     handed = serving.handed
-                    if giving is None:
+                    # Followers of a session kept here in memory do not take it: two streams
+                    # on two other instances would pass an idle session to and fro.
+                    keep = (
+                        giving is None
+                        and self._live is not None
+                        and self._live.keeps(sid)
+                        and all(r.verb == "follow" for r in batch)
+                    )
+                    if giving is None and not keep:
                         if await self._give(sid, serving, wait=False):
                             continue  # everything pending was answered
-                    elif any(r.verb == "read" for r in batch):
+                    elif keep or any(r.verb != "handoff" for r in batch):
                         assert self._flush is not None
                         await self._flush()  # flushed after these reads came
                     if serving.handed == handed:  # not let go meanwhile: kept, flushed
                         del serving.new[: len(batch)]
                         serving.waiting.extend(r for r in batch if r.verb == "handoff")
-                        answers = [(r, "flushed" if r.verb == "read" else "held") for r in batch]
+                        answers = [(r, "held" if r.verb == "handoff" else "flushed") for r in batch]
                         await self._answer(sid, answers)
                     continue
                 if not serving.waiting:

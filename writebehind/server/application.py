@@ -13,7 +13,7 @@ import contextlib
 import logging
 import multiprocessing
 from collections.abc import AsyncIterator
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import anyio
 from cachetools import TTLCache
@@ -21,14 +21,18 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import Config, SessionStore, WriteBehindError, WriteBehindStore
+from .auth import auth_from_settings, authenticate
 from .errors import allowed_methods, install_error_handlers
 from .middleware import BodyLimit
 from .openapi import install_openapi
 from .replies import Replies
-from .responder import EchoResponder, Responder
+from .responder import Responder, aclose_responder, responder_from_settings
 from .routes import router
 from .settings import ServerSettings
 from .streaming import Broker
+
+if TYPE_CHECKING:
+    from .auth import Auth
 
 __all__ = ["ONE_WORKER", "ServerApp", "create_app", "uvicorn_workers"]
 
@@ -67,12 +71,19 @@ def create_app(
     config: Config | None = None,
     settings: ServerSettings | None = None,
     responder: Responder | None = None,
+    auth: Auth | None = None,
 ) -> FastAPI:
     """The chat app. `config` (default `Config.from_env()`) is the store's, `settings`
-    (default `ServerSettings.from_env()`) the server's, `responder` writes the replies
-    (default: `EchoResponder`). Raises `ValueError` for a bad setting."""
+    (default `ServerSettings.from_env()`) the server's. `responder` writes the replies
+    (default: `OpenAIChatResponder` when `CHAT_MODEL_BASE_URL` is set, else
+    `EchoResponder`). `auth` is a FastAPI dependency returning the caller's user id, or
+    None for an anonymous caller, and raising for credentials it refuses (default:
+    `JWTBearer` when a `CHAT_AUTH_JWT_*` key is set, else `DemoTokens`). Raises
+    `ValueError` for a bad setting."""
     settings = settings or ServerSettings.from_env()
     config = config or Config.from_env()
+    auth = auth or auth_from_settings(settings)  # a JWT key it cannot use: ValueError, here
+    responder = responder or responder_from_settings(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -94,6 +105,8 @@ def create_app(
             raise
         broker = Broker()
         replies = Replies(store, app.state.responder, broker.notify)
+        if isinstance(store, WriteBehindStore):
+            store.on_signal(replies.signalled)  # a Stop sent to another instance
         app.state.store, app.state.broker, app.state.replies = store, broker, replies
         # sse-starlette sets this when the server starts to stop (Ctrl-C, SIGTERM); the
         # streams then end cleanly instead of being cut, which uvicorn reports as an error.
@@ -110,6 +123,7 @@ def create_app(
             closer.cancel()
             broker.close()
             await replies.aclose()  # each cut reply keeps what was said, marked interrupted
+            await aclose_responder(app.state.responder)  # its connections to a model server
             if isinstance(store, WriteBehindStore):
                 await store.aclose()  # the shutdown hook: everything dirty reaches disk
                 LOG.info("store closed: flushed")
@@ -118,7 +132,9 @@ def create_app(
         title="writebehind chat", lifespan=lifespan, docs_url="/api/docs", openapi_url="/api/openapi.json"
     )
     app.state.settings = settings
-    app.state.responder = responder or EchoResponder(settings.token_delay_ms / 1000)
+    app.state.responder = responder
+    # Every route asks `caller`, which asks `authenticate`: this app's auth answers it.
+    app.dependency_overrides[authenticate] = auth
     app.state.startup_error = None
     # The anonymous "my sessions" list, per cookie; bounded and forgotten when idle, like
     # the anonymous sessions themselves.

@@ -14,9 +14,10 @@ __all__ = ["install_openapi"]
 _BEARER: Final = {
     "type": "http",
     "scheme": "bearer",
-    "description": "a token the server maps to a user (CHAT_DEMO_TOKENS, or the app's own auth). "
-    "Without one the caller is anonymous, bound to the HttpOnly `wb_anon` cookie the server sets, "
-    "and nothing of theirs is written to disk.",
+    "description": "a token the server maps to a user: a demo token (CHAT_DEMO_TOKENS), a JWT whose "
+    "`sub` is the user (CHAT_AUTH_JWT_*), or what the app's own auth accepts. A refused token is a 401 "
+    'with `WWW-Authenticate: Bearer error="invalid_token"`. Without one the caller is anonymous, bound '
+    "to the HttpOnly `wb_anon` cookie the server sets, and nothing of theirs is written to disk.",
 }
 # These need a signed-in user; every other /api route also serves anonymous callers.
 _SIGNED_IN: Final = {

@@ -33,9 +33,9 @@ from typing import Any, NamedTuple
 from .. import NotFound, SessionStore, StoredMessage, WriteBehindError, WriteBehindStore
 from .auth import Caller
 from .errors import ApiError
-from .responder import Responder
+from .responder import Responder, ResponderError, tokens_of
 
-__all__ = ["Progress", "Replies", "attempt", "title_from"]
+__all__ = ["Progress", "Replies", "attempt", "error_of", "title_from"]
 
 LOG = logging.getLogger("writebehind.server")
 Store = SessionStore | WriteBehindStore
@@ -63,6 +63,12 @@ def attempt(message: StoredMessage) -> int:
     return value if isinstance(value, int) else 1
 
 
+def error_of(message: StoredMessage) -> str | None:
+    """Why the reply `message` failed, as its user is told (a responder's error), or None."""
+    value = (message.metadata or {}).get("error")
+    return value if isinstance(value, str) else None
+
+
 def title_from(content: str) -> str:
     """A session's title from its first message: its first line, cut at a word before
     60 characters (with an ellipsis)."""
@@ -86,18 +92,27 @@ class Replies:
         self._tasks: set[asyncio.Task[None]] = set()
         # per session: its reply tasks, in order, by message id (what `stop()` ends)
         self._running: dict[str, dict[str, asyncio.Task[None]]] = {}
+        self._callers: dict[str, Caller] = {}  # per session: who its running replies are for
         self._stopping: set[tuple[str, str]] = set()  # (session, message) the user stopped
 
-    def progress(self, session_id: str, message: StoredMessage) -> Progress:
+    def progress(self, session_id: str, message: StoredMessage, *, elsewhere: bool | None = None) -> Progress:
+        """`elsewhere`: the message was read from another instance that keeps the session
+        (None: ask the store), where a reply that is not done is being written."""
         if message.role != "assistant":
             return _WHOLE
         meta = message.metadata or {}
         if meta.get("done", True):
             return _CUT if meta.get("interrupted") else _STOPPED if meta.get("stopped") else _WHOLE
-        return _WRITING if (session_id, message.id) in self._writing else _CUT
+        if (session_id, message.id) in self._writing:
+            return _WRITING
+        if elsewhere is None:
+            elsewhere = isinstance(self._store, WriteBehindStore) and self._store.kept_elsewhere(session_id)
+        return _WRITING if elsewhere else _CUT
 
     async def settle(self, session_id: str, messages: Sequence[StoredMessage], who: Caller) -> None:
         """Store the interrupted mark on the replies among `messages` that a crash cut."""
+        if isinstance(self._store, WriteBehindStore) and self._store.kept_elsewhere(session_id):
+            return  # another instance keeps it, writing its replies: none of them is cut
         for m in messages:
             if m.role != "assistant" or self.progress(session_id, m) is not _CUT:
                 continue
@@ -193,6 +208,39 @@ class Replies:
         self._notify(session_id)
         return stopped
 
+    def signalled(self, session_id: str, name: str) -> None:
+        """Another instance was asked to stop this session's replies (`stop_elsewhere`)."""
+        callers = self._callers.get(session_id)
+        if name == "stop" and callers:
+            task = asyncio.get_running_loop().create_task(self._stop_quietly(session_id, callers))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _stop_quietly(self, session_id: str, who: Caller) -> None:
+        try:
+            await self.stop(session_id, who)
+        except WriteBehindError as exc:
+            LOG.warning("session %s: a stop sent from another instance failed: %s", session_id, exc)
+
+    async def stop_elsewhere(self, session_id: str, who: Caller, within: float = 5.0) -> list[StoredMessage]:
+        """`stop()` for a session another instance keeps (several instances on PostgreSQL):
+        ask that instance to stop its replies, then wait (up to `within` seconds) until
+        they have their mark. Returns those stopped."""
+        store = self._store
+        assert isinstance(store, WriteBehindStore)
+        before = await store.get_messages(session_id, **who.who)
+        writing = {m.id for m in before if m.role == "assistant" and not (m.metadata or {}).get("done", True)}
+        if not writing or not await store.signal(session_id, "stop"):
+            return []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while True:
+            now = await store.get_messages(session_id, **who.who)
+            mine = [m for m in now if m.id in writing]
+            if all((m.metadata or {}).get("done", True) for m in mine) or loop.time() > deadline:
+                return [m for m in mine if (m.metadata or {}).get("stopped")]
+            await asyncio.sleep(0.05)
+
     def _launch(self, session_id: str, reply: StoredMessage, who: Caller) -> None:
         """A task writes `reply` once the session's earlier replies have ended."""
         key = (session_id, reply.id)
@@ -202,6 +250,7 @@ class Replies:
         self._last[session_id] = task
         self._tasks.add(task)
         self._running.setdefault(session_id, {})[reply.id] = task
+        self._callers[session_id] = who
 
         def finished(task: asyncio.Task[None]) -> None:
             self._tasks.discard(task)
@@ -211,6 +260,7 @@ class Replies:
             running.pop(reply.id, None)
             if not running:
                 self._running.pop(session_id, None)
+                self._callers.pop(session_id, None)
             if self._last.get(session_id) is task:
                 del self._last[session_id]
             self._notify(session_id)
@@ -254,17 +304,24 @@ class Replies:
             if previous is not None:
                 await asyncio.wait([previous])  # its outcome is its own
             history = await self._store.get_messages(session_id, limit=reply.seq - 1, **who.who)
-            async for token in self._responder(history):
-                await self._store.update_message(session_id, reply.id, append=token, **who.who)
-                self._notify(session_id)
+            # `tokens_of` closes the responder however this ends: a stop closes its HTTP stream.
+            async with tokens_of(self._responder, history) as tokens:
+                async for token in tokens:
+                    await self._store.update_message(session_id, reply.id, append=token, **who.who)
+                    self._notify(session_id)
         except asyncio.CancelledError:
             # The user stopped it, or the server is stopping: keep what was said, mark which.
             end["stopped" if (session_id, reply.id) in self._stopping else "interrupted"] = True
             raise
         except NotFound:
             return  # the session was erased mid-reply
+        except ResponderError as exc:  # said to the user, stored on the reply; the log says only its kind
+            end.update(interrupted=True, error=str(exc))
+            LOG.warning(
+                "session %s: the reply %s failed (%s); kept what was said", session_id, reply.id, exc.kind
+            )
         except Exception:
-            end["interrupted"] = True
+            end.update(interrupted=True, error="the reply failed on the server")
             LOG.exception("session %s: the reply %s failed; kept what was said", session_id, reply.id)
         finally:
             with contextlib.suppress(WriteBehindError):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import unicodedata
+from collections.abc import Callable
 from pathlib import Path as FilePath
 from typing import Annotated, Any, Final
 
@@ -13,12 +15,14 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 from sse_starlette import EventSourceResponse
 
-from .. import NotFound, SessionRecord, SessionStore, WriteBehindStore
-from .auth import caller, remember
+from .. import NotFound, SessionRecord, SessionStore, SessionSummary, WriteBehindStore
+from .auth import Caller, caller, remember
 from .errors import ApiError
 from .replies import Replies
 from .schemas import (
+    ARCHIVED,
     SESSION_ID_PATTERN,
+    ArchivedFilter,
     ErrorBody,
     MessageOut,
     MessagePage,
@@ -46,7 +50,8 @@ router = APIRouter()
 # lists exactly these per route.
 _WHY: Final = {
     400: "a body that is not JSON, or a Last-Event-ID that is not `<seq>:<offset>[d]`",
-    401: "an Authorization header that names nobody (the answer says `WWW-Authenticate: Bearer`)",
+    401: "an Authorization header that names nobody (the answer says `WWW-Authenticate: Bearer`, "
+    'with `error="invalid_token"` for a refused token)',
     404: "no such session for this caller: another user's answers exactly the same",
     409: "the session is not in a state that allows it (the message says why)",
     413: "a body over CHAT_SERVER_MAX_BODY_BYTES",
@@ -64,6 +69,8 @@ _BODY = (400, 401, 413, 415, 422, 503)  # a route that reads a JSON body, and sa
 SessionId = Annotated[
     str, Path(description="a session id", json_schema_extra={"pattern": SESSION_ID_PATTERN})
 ]
+# Who calls: the app's auth dependency (`create_app(auth=...)`), or an anonymous visitor.
+Who = Annotated[Caller, Depends(caller)]
 
 
 def _store(request: Request) -> Store:
@@ -136,8 +143,7 @@ async def index() -> FileResponse:
 @router.post(
     "/api/sessions", status_code=201, dependencies=[Depends(_require_json)], responses=_answers(*_BODY)
 )
-async def create_session(body: NewSession, request: Request, response: Response) -> SessionOut:
-    who = caller(request)
+async def create_session(body: NewSession, request: Request, who: Who, response: Response) -> SessionOut:
     record = await _store(request).ensure_session(
         user_id=who.user_id,
         title=body.title,
@@ -155,29 +161,75 @@ async def create_session(body: NewSession, request: Request, response: Response)
     return SessionOut.of(record)
 
 
+def _folded(text: str) -> str:
+    """`text` for caseless matching: compatibility forms and case folded (so "ﬁ" finds
+    "fi", "STRASSE" finds "Straße"), composed (so a typed "é" finds a stored "e" + U+0301)."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
+
+
+def _matcher(
+    q: str | None, archived: ArchivedFilter
+) -> Callable[[SessionRecord | SessionSummary], bool] | None:
+    """Which sessions a listing keeps (None: all of them). `q` matches titles: every word
+    of it must appear in the title, in any order and case."""
+    terms = _folded(q).split() if q else []
+    if not terms and archived == "include":
+        return None
+
+    def keep(s: SessionRecord | SessionSummary) -> bool:
+        if archived != "include" and (s.status == ARCHIVED) != (archived == "only"):
+            return False
+        title = _folded(s.title or "")
+        return all(term in title for term in terms)
+
+    return keep
+
+
 @router.get("/api/sessions", responses=_answers(401, 422, 503))
 async def list_sessions(
     request: Request,
+    who: Who,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    q: Annotated[
+        str | None,
+        Query(
+            max_length=200,
+            description="search: the sessions whose title has every word of `q`, in any case "
+            "(titles only for now; the same parameter will search message text too)",
+        ),
+    ] = None,
+    archived: Annotated[
+        ArchivedFilter,
+        Query(
+            description="`exclude` archived sessions (status `archived`), list `only` them, or `include` them"
+        ),
+    ] = "exclude",
 ) -> SessionList:
-    """My sessions, most recently updated first."""
-    who = caller(request)
+    """My sessions, most recently updated first: by default those not archived."""
     store = _store(request)
-    if who.user_id is not None:
-        summaries = await store.list_sessions(who.user_id, limit=limit, offset=offset)
-        return SessionList(sessions=[SessionOut.of(s) for s in summaries], limit=limit, offset=offset)
-    records = []
-    for sid in reversed(request.app.state.anon_sessions.get(who.binding or "", [])):
-        with contextlib.suppress(NotFound):
-            records.append(await store.get_session(sid, user_id=None, binding_token=who.binding))
-    page = records[offset : offset + limit]
-    return SessionList(sessions=[SessionOut.of(r) for r in page], limit=limit, offset=offset)
+    keep = _matcher(q, archived)
+    page: list[SessionRecord] | list[SessionSummary]
+    if who.user_id is not None and keep is None:
+        page = await store.list_sessions(who.user_id, limit=limit, offset=offset)
+    elif who.user_id is not None:
+        # The store lists by owner only: the filter runs here, over the user's whole list
+        # (summaries, without messages), one read.
+        mine = await store.list_sessions(who.user_id)
+        page = [s for s in mine if keep is None or keep(s)][offset : offset + limit]
+    else:
+        records: list[SessionRecord] = []
+        for sid in reversed(request.app.state.anon_sessions.get(who.binding or "", [])):
+            with contextlib.suppress(NotFound):
+                records.append(await store.get_session(sid, user_id=None, binding_token=who.binding))
+        page = [r for r in records if keep is None or keep(r)][offset : offset + limit]
+    return SessionList(
+        sessions=[SessionOut.of(s) for s in page], limit=limit, offset=offset, q=q, archived=archived
+    )
 
 
 @router.get("/api/sessions/{session_id}", responses=_answers(401, 404, 503))
-async def get_session(session_id: SessionId, request: Request) -> SessionOut:
-    who = caller(request)
+async def get_session(session_id: SessionId, request: Request, who: Who) -> SessionOut:
     replies = _replies(request)
     record = await _store(request).get_session(_check_id(session_id), **who.who)
     await replies.settle(record.id, record.messages, who)
@@ -187,16 +239,14 @@ async def get_session(session_id: SessionId, request: Request) -> SessionOut:
 @router.patch(
     "/api/sessions/{session_id}", dependencies=[Depends(_require_json)], responses=_answers(*_BODY, 404)
 )
-async def patch_session(session_id: SessionId, body: SessionPatch, request: Request) -> SessionOut:
-    who = caller(request)
+async def patch_session(session_id: SessionId, body: SessionPatch, request: Request, who: Who) -> SessionOut:
     changes: dict[str, Any] = body.model_dump(exclude_unset=True)
     record = await _store(request).update_session(_check_id(session_id), **who.who, **changes)
     return SessionOut.of(record)
 
 
 @router.delete("/api/sessions/{session_id}", status_code=204, responses=_answers(401, 404, 503))
-async def delete_session(session_id: SessionId, request: Request) -> Response:
-    who = caller(request)
+async def delete_session(session_id: SessionId, request: Request, who: Who) -> Response:
     sid = _check_id(session_id)
     await _store(request).delete_session(sid, **who.who)
     _broker(request).notify(sid)  # its open streams find it gone and say so
@@ -204,8 +254,7 @@ async def delete_session(session_id: SessionId, request: Request) -> Response:
 
 
 @router.post("/api/sessions/{session_id}/claim", responses=_answers(401, 404, 503))
-async def claim(session_id: SessionId, request: Request) -> SessionOut:
-    who = caller(request)
+async def claim(session_id: SessionId, request: Request, who: Who) -> SessionOut:
     if who.user_id is None:
         raise ApiError(401, "unauthorized", "sign in to claim a session", {"WWW-Authenticate": "Bearer"})
     record = await _store(request).claim(
@@ -220,10 +269,9 @@ async def claim(session_id: SessionId, request: Request) -> SessionOut:
     dependencies=[Depends(_require_json)],
     responses=_answers(*_BODY, 404),
 )
-async def post_message(session_id: SessionId, body: NewMessage, request: Request) -> Turn:
+async def post_message(session_id: SessionId, body: NewMessage, request: Request, who: Who) -> Turn:
     """Store the message and start its reply; a reply still streaming on the session ends
     first, then this one starts (see `replies`)."""
-    who = caller(request)
     replies = _replies(request)
     said, reply = await replies.start(_check_id(session_id), body.content, who)
     return Turn(
@@ -236,12 +284,12 @@ async def post_message(session_id: SessionId, body: NewMessage, request: Request
 async def list_messages(
     session_id: SessionId,
     request: Request,
+    who: Who,
     after_seq: Annotated[int, Query(ge=0, le=1_000_000_000, description="messages after this seq")] = 0,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> MessagePage:
     """The session's messages in `seq` order, one page: those with `seq > after_seq`, at
     most `limit`; `next_after_seq` names the next page."""
-    who = caller(request)
     replies = _replies(request)
     sid = _check_id(session_id)
     messages = await _store(request).get_messages(sid, after_seq=after_seq, limit=limit + 1, **who.who)
@@ -256,24 +304,26 @@ async def list_messages(
 
 
 @router.post("/api/sessions/{session_id}/stop", responses=_answers(401, 404, 503))
-async def stop(session_id: SessionId, request: Request) -> Stopped:
+async def stop(session_id: SessionId, request: Request, who: Who) -> Stopped:
     """End the reply being written (and any waiting behind it): each keeps what was said
     and is marked `stopped`. Nothing to stop is not an error: `{"stopped": []}`."""
-    who = caller(request)
     replies = _replies(request)
     sid = _check_id(session_id)
-    await _store(request).get_messages(sid, after_seq=0, limit=1, **who.who)  # 404 for another's
-    stopped = await replies.stop(sid, who)
+    store = _store(request)
+    await store.get_messages(sid, after_seq=0, limit=1, **who.who)  # 404 for another's
+    if isinstance(store, WriteBehindStore) and store.kept_elsewhere(sid):
+        stopped = await replies.stop_elsewhere(sid, who)  # its replies run on another instance
+    else:
+        stopped = await replies.stop(sid, who)
     return Stopped(stopped=[MessageOut.of(m, replies.progress(sid, m)) for m in stopped])
 
 
 @router.post("/api/sessions/{session_id}/regenerate", status_code=202, responses=_answers(401, 404, 409, 503))
-async def regenerate(session_id: SessionId, request: Request) -> MessageOut:
+async def regenerate(session_id: SessionId, request: Request, who: Who) -> MessageOut:
     """A new reply to the last user message. Until the store keeps branches it replaces
     the last reply in place: the same message (id, `seq`) is emptied and written again, and
     open streams get it again from its start (`rewound`). 409 when the last message is
     not a reply, or is still being written (stop it first)."""
-    who = caller(request)
     replies = _replies(request)
     sid = _check_id(session_id)
     reply = await replies.regenerate(sid, who)
@@ -303,6 +353,7 @@ _EVENTS_DOC: Final = {
 async def events(
     session_id: SessionId,
     request: Request,
+    who: Who,
     last_event_id: Annotated[
         str | None,
         Header(
@@ -313,7 +364,6 @@ async def events(
     ] = None,
 ) -> EventSourceResponse:
     """The session's messages from the client's position, then the live tail (see `streaming`)."""
-    who = caller(request)
     store = _store(request)
     replies = _replies(request)
     sid = _check_id(session_id)
@@ -342,8 +392,7 @@ _EXPORT_DOC: Final = {
     response_class=StreamingResponse,
     responses={200: _EXPORT_DOC, **_answers(401, 404, 503)},
 )
-async def export(request: Request) -> StreamingResponse:
-    who = caller(request)
+async def export(request: Request, who: Who) -> StreamingResponse:
     if who.user_id is None:
         raise ApiError(
             401,
@@ -362,8 +411,7 @@ async def export(request: Request) -> StreamingResponse:
 
 
 @router.delete("/api/me", responses=_answers(401, 503))
-async def erase_me(request: Request) -> dict[str, int]:
-    who = caller(request)
+async def erase_me(request: Request, who: Who) -> dict[str, int]:
     if who.user_id is None:
         raise ApiError(401, "unauthorized", "sign in to erase your data", {"WWW-Authenticate": "Bearer"})
     deleted = await _store(request).delete_user(who.user_id)

@@ -3,14 +3,17 @@ responses."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import SessionRecord, SessionSummary, StoredMessage
-from .replies import Progress
+from .replies import Progress, error_of
 
 __all__ = [
+    "ACTIVE",
+    "ARCHIVED",
+    "ArchivedFilter",
     "ErrorBody",
     "ErrorDetail",
     "MessageOut",
@@ -27,6 +30,12 @@ __all__ = [
 # What the store accepts (writebehind.model), said in the schema too.
 SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 STATUS_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
+# Archiving is a session status: `PATCH {"status": "archived"}` archives, `{"status":
+# "active"}` (the store's default status) brings it back. Any other status counts as not
+# archived. Listings leave archived sessions out unless asked (`archived=only|include`).
+ACTIVE: Final = "active"
+ARCHIVED: Final = "archived"
+ArchivedFilter = Literal["exclude", "only", "include"]
 
 
 class _Strict(BaseModel):
@@ -78,6 +87,11 @@ class MessageOut(BaseModel):
         description="the reply was cut before its end by the server (a shutdown, a crash, a failure)"
     )
     stopped: bool = Field(description="the user stopped the reply (`POST .../stop`): what was said is kept")
+    error: str | None = Field(
+        default=None,
+        description="why the reply failed (the model server could not be reached, answered an error, "
+        "broke off...), as its user is told; null for a reply that did not fail",
+    )
 
     @classmethod
     def of(cls, m: StoredMessage, progress: Progress) -> MessageOut:
@@ -91,6 +105,7 @@ class MessageOut(BaseModel):
             done=progress.done,
             interrupted=progress.interrupted,
             stopped=progress.stopped,
+            error=error_of(m),
         )
 
 
@@ -120,6 +135,8 @@ class SessionList(BaseModel):
     sessions: list[SessionOut]
     limit: int
     offset: int
+    q: str | None = Field(default=None, description="the search this page answers (null: none)")
+    archived: ArchivedFilter = Field(default="exclude", description="which sessions this page lists")
 
 
 class Turn(BaseModel):

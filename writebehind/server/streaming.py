@@ -5,7 +5,7 @@ Wire format (one `message` event per change of one message)::
 
     id: <seq>:<offset>[d]
     event: message
-    data: {"seq", "id", "role", "offset", "text", "done", "interrupted", "stopped", "rewound"}
+    data: {"seq", "id", "role", "offset", "text", "done", "interrupted", "stopped", "rewound", "error"}
 
 `offset` and the id's offset count UTF-16 code units, the unit of JavaScript's
 `String.length` and `slice`, so that a page computes its resume point from the text it
@@ -33,6 +33,7 @@ stops ends them cleanly (the client reconnects later with its `Last-Event-ID`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -42,9 +43,10 @@ import orjson
 from sse_starlette import ServerSentEvent
 
 from .. import NotFound, SessionStore, StoredMessage, UserId, WriteBehindStore
+from ..live import LiveView
 from .auth import Caller
 from .errors import ApiError
-from .replies import Replies, attempt
+from .replies import Replies, attempt, error_of
 
 __all__ = ["EVENT_ID_PATTERN", "Broker", "Position", "resume_point", "stream", "utf16_len"]
 
@@ -179,46 +181,87 @@ async def stream(
 ) -> AsyncIterator[ServerSentEvent]:
     """The session's events from `start`, then the live tail, until the client leaves, the
     session is erased (`gone`) or the server stops."""
-    seq, chars, units, rewound = start.seq, start.chars, start.units, start.rewound
     # The attempt (see `replies.attempt`) of the message this stream last sent from: the
     # one it stands on, or the one it has whole. A regenerate rewrites that message in
     # place; a different attempt means the client must take it again from its start.
     seen: dict[int, int] = {}
     broker.subscribe(session_id, who.user_id)
     try:
-        while not broker.closed:
-            changed = broker.waiter(session_id)  # before reading: a change after the read wakes us
-            try:
-                window = await store.get_messages(session_id, after_seq=max(seq - 2, 0), **who.who)
-            except NotFound:
-                yield ServerSentEvent(event="gone", data="{}")
-                return
-            rewritten = next((m for m in window if seen.get(m.seq, attempt(m)) != attempt(m)), None)
-            if rewritten is not None:
-                seq, chars, units, rewound = rewritten.seq, 0, 0, True
-            for m in window:
-                if m.seq == seq - 1 or (m.seq == seq and chars):
-                    seen.setdefault(m.seq, attempt(m))
-            for m in window:
-                if m.seq < seq:
-                    continue
-                progress = replies.progress(session_id, m)
-                text = m.content[chars:]
-                if text or progress.done or rewound:
-                    end = units + utf16_len(text)
-                    data = {"seq": m.seq, "id": m.id, "role": m.role, "offset": units, "text": text,
-                            "done": progress.done, "interrupted": progress.interrupted,
-                            "stopped": progress.stopped, "rewound": rewound}  # fmt: skip
-                    yield ServerSentEvent(
-                        id=f"{m.seq}:{end}{'d' if progress.done else ''}",
-                        event="message",
-                        data=orjson.dumps(data).decode(),
-                    )
-                    chars, units, rewound = len(m.content), end, False
-                    seen = {m.seq: attempt(m)}
-                if not progress.done:
-                    break  # the next message waits until this one is whole
-                seq, chars, units = m.seq + 1, 0, 0
-            await changed.wait()
+        async with _view(store, broker, session_id, who) as view:
+            async for event in _events(view, broker, replies, session_id, start, seen):
+                yield event
     finally:  # the client left, the session is gone or the server stops: forget this listener
         broker.unsubscribe(session_id, who.user_id)
+
+
+class _Local:
+    """A stream's view of a plain `SessionStore` (one process, nothing to follow)."""
+
+    remote = False
+
+    def __init__(self, store: SessionStore, session_id: str, who: Caller) -> None:
+        self._store, self._session_id, self._who = store, session_id, who
+
+    async def messages(self, after_seq: int) -> tuple[StoredMessage, ...]:
+        return await self._store.get_messages(self._session_id, after_seq=after_seq, **self._who.who)
+
+
+@contextlib.asynccontextmanager
+async def _view(
+    store: Store, broker: Broker, session_id: str, who: Caller
+) -> AsyncIterator[_Local | LiveView]:
+    """What the stream reads through: with several instances, a session another instance
+    keeps is followed live (`WriteBehindStore.follow`), its changes waking this stream."""
+    if isinstance(store, WriteBehindStore):
+        async with store.follow(
+            session_id, user_id=who.user_id, binding_token=who.binding, on_change=broker.notify
+        ) as view:
+            yield view
+    else:
+        yield _Local(store, session_id, who)
+
+
+async def _events(
+    view: _Local | LiveView,
+    broker: Broker,
+    replies: Replies,
+    session_id: str,
+    start: Position,
+    seen: dict[int, int],
+) -> AsyncIterator[ServerSentEvent]:
+    seq, chars, units, rewound = start.seq, start.chars, start.units, start.rewound
+    while not broker.closed:
+        changed = broker.waiter(session_id)  # before reading: a change after the read wakes us
+        try:
+            window = await view.messages(max(seq - 2, 0))
+        except NotFound:
+            yield ServerSentEvent(event="gone", data="{}")
+            return
+        rewritten = next((m for m in window if seen.get(m.seq, attempt(m)) != attempt(m)), None)
+        if rewritten is not None:
+            seq, chars, units, rewound = rewritten.seq, 0, 0, True
+        for m in window:
+            if m.seq == seq - 1 or (m.seq == seq and chars):
+                seen.setdefault(m.seq, attempt(m))
+        for m in window:
+            if m.seq < seq:
+                continue
+            progress = replies.progress(session_id, m, elsewhere=view.remote)
+            text = m.content[chars:]
+            if text or progress.done or rewound:
+                end = units + utf16_len(text)
+                data = {"seq": m.seq, "id": m.id, "role": m.role, "offset": units, "text": text,
+                        "done": progress.done, "interrupted": progress.interrupted,
+                        "stopped": progress.stopped, "rewound": rewound,
+                        "error": error_of(m)}  # fmt: skip
+                yield ServerSentEvent(
+                    id=f"{m.seq}:{end}{'d' if progress.done else ''}",
+                    event="message",
+                    data=orjson.dumps(data).decode(),
+                )
+                chars, units, rewound = len(m.content), end, False
+                seen = {m.seq: attempt(m)}
+            if not progress.done:
+                break  # the next message waits until this one is whole
+            seq, chars, units = m.seq + 1, 0, 0
+        await changed.wait()
