@@ -59,3 +59,14 @@ def test_a_bad_value_fails_naming_the_variable(var: str, value: str) -> None:
 def test_config_is_frozen() -> None:
     with pytest.raises(AttributeError):
         Config().flush_batch = 1  # type: ignore[misc]
+
+
+def test_the_ownership_timeouts_are_read_and_checked() -> None:
+    config = Config.from_env(
+        {"CHAT_SESSION_HANDOFF_TIMEOUT_SECONDS": "2.5", "CHAT_SESSION_HOLD_TIMEOUT_SECONDS": "30"}
+    )
+    assert (config.handoff_timeout_seconds, config.hold_timeout_seconds) == (2.5, 30.0)
+    for var in ("CHAT_SESSION_HANDOFF_TIMEOUT_SECONDS", "CHAT_SESSION_HOLD_TIMEOUT_SECONDS"):
+        for bad in ("0", "-1", "nan", "soon"):
+            with pytest.raises(ConfigError, match=var):
+                Config.from_env({var: bad})

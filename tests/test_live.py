@@ -90,3 +90,10 @@ def test_a_gap_or_a_mismatch_asks_for_a_reload() -> None:
 
 def test_removed_messages_can_only_be_reloaded() -> None:
     assert encode_changes([message(1, "a")], [message(1, "a"), message(2, "b")], 0) is None
+
+
+def test_changes_past_what_was_sent_can_only_be_reloaded() -> None:
+    """A follower registered while the owner did not hold the session in memory: what it
+    has is unknown, so the first change asks for a reload rather than guessing."""
+    owner = [message(1, "a"), message(2, "b"), message(3, "c")]
+    assert encode_changes(owner, [], 2) is None

@@ -7,6 +7,11 @@ write nothing.
 
 `backups` lists the database's backups (CHAT_SESSION_BACKUP_DIR, or `--dir`).
 
+With encryption at rest (CHAT_SESSION_ENCRYPTION_KEY or _FILE), `sessions`, `export` and
+`erase` go through `writebehind.encryption` as the app does: they decrypt, and `erase`
+destroys the user's data key first. On an encrypted database without the key they refuse.
+`rotate-key` re-wraps the data keys under a new key-encryption key.
+
 The changing verbs (`erase`, `purge`, `migrate`, `restore`) need the file to themselves: a
 running app owns it (it holds recent sessions in memory and would write them back at its next
 flush), and holds its lock. So on a file an app holds they refuse, and say how to do the
@@ -32,9 +37,10 @@ from typing import Any, TypeVar
 import click
 import orjson
 
+from .backends.base import Backend
 from .backends.sqlite import SCHEMA_VERSION, SQLiteBackend
 from .backups import Backup, list_backups, restore_backup
-from .config import Config
+from .config import Config, decode_kek
 from .errors import ConfigError, DatabaseLockedError, WriteBehindError
 from .export import export_json
 from .model import SessionRecord, UserId, check_user_id, utcnow
@@ -68,6 +74,27 @@ def _run(work: Callable[[SQLiteBackend], Awaitable[T]], db: Path, *, changing: s
         raise click.ClickException(f"{db} is in use by a running app ({holder}): {changing}") from None
     except WriteBehindError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _as_app_sees_it(backend: SQLiteBackend) -> Backend:
+    """The backend, decrypting (and destroying keys on erasure) when a key is configured.
+    Refuses an encrypted database without its key: a listing would show ciphertext, and an
+    erasure would leave the user's key, so their backups readable."""
+    try:
+        config = Config.from_env()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    keys = config.encryption_keys_path or backend.path.with_name(backend.path.name + ".keys")
+    if config.encryption_key is None and config.encryption_key_file is None:
+        if keys.exists():
+            raise click.ClickException(
+                f"{backend.path} is encrypted (keys in {keys}): set CHAT_SESSION_ENCRYPTION_KEY "
+                "(or CHAT_SESSION_ENCRYPTION_KEY_FILE) as the app has it"
+            )
+        return backend
+    from .encryption import encrypted_backend
+
+    return encrypted_backend(backend, config, readonly=backend.readonly)
 
 
 def _user(value: str, as_text: bool) -> UserId:
@@ -196,7 +223,16 @@ def stats(db: Path, as_json: bool) -> None:
 def sessions(db: Path, user: str, text_id: bool) -> None:
     """List a user's sessions, newest first."""
     uid = _user(user, text_id)
-    listed = _run(lambda b: b.list_sessions(uid), db)
+
+    async def work(backend: SQLiteBackend) -> list[Any]:
+        source = _as_app_sees_it(backend)
+        await source.open()
+        try:
+            return await source.list_sessions(uid)
+        finally:
+            await source.close()
+
+    listed = _run(work, db)
     for s in listed:
         title = "" if s.title is None else s.title
         click.echo(f"{s.id}\t{s.status}\t{s.message_count} messages\t{s.updated_at.isoformat()}\t{title}")
@@ -215,6 +251,14 @@ def export(db: Path, user: str, text_id: bool, out: Path | None) -> None:
     uid = _user(user, text_id)
 
     async def work(backend: SQLiteBackend) -> int:
+        source = _as_app_sees_it(backend)
+        await source.open()
+        try:
+            return await write(source)
+        finally:
+            await source.close()
+
+    async def write(backend: Backend) -> int:
         count = 0
 
         async def counted() -> AsyncIterator[SessionRecord]:
@@ -253,7 +297,12 @@ def erase(db: Path, user: str, text_id: bool, yes: bool) -> None:
         # Asked only once the file is ours: a held file is refused before the question.
         if not yes:
             click.confirm(f"Erase every session of user {uid!r} from {db}? This cannot be undone", abort=True)
-        ids = await backend.delete_user(uid)
+        source = _as_app_sees_it(backend)
+        await source.open()
+        try:
+            ids = await source.delete_user(uid)
+        finally:
+            await source.close()
         # And from what a failed shutdown left for the next start, or that start would
         # bring the erased sessions back.
         scrub_recovery(_recovery_path(db), lambda record: record.user_id == uid)
@@ -409,6 +458,52 @@ def migrate(db: Path) -> None:
         changing="the app migrates the file itself when it starts; nothing to do here",
     )
     click.echo(f"{db}: schema version {version}")
+
+
+@cli.command("rotate-key")
+@click.option(
+    "--new-key-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="A file holding the new key (base64 of 32 bytes); default: $CHAT_SESSION_NEW_ENCRYPTION_KEY.",
+)
+@click.pass_obj
+def rotate_key(db: Path, new_key_file: Path | None) -> None:
+    """Re-wrap every user's data key under a new key-encryption key; no data is rewritten.
+
+    The current key comes from CHAT_SESSION_ENCRYPTION_KEY (or _FILE), as the app has it.
+    The app must be stopped; start it with the new key afterwards (the old one no longer
+    opens the keys file).
+    """
+    from .encryption import SQLiteKeyStore, keys_path_for, load_kek, rotate_kek
+
+    try:
+        config = Config.from_env()
+        old = load_kek(config)
+        if new_key_file is not None:
+            new = load_kek(Config(encryption_key_file=new_key_file))
+        else:
+            text = os.environ.get("CHAT_SESSION_NEW_ENCRYPTION_KEY")
+            new = None if not text else decode_kek(text, "CHAT_SESSION_NEW_ENCRYPTION_KEY")
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if old is None:
+        raise click.ClickException(
+            "no current key: set CHAT_SESSION_ENCRYPTION_KEY (or _FILE) as the app has it"
+        )
+    if new is None:
+        raise click.ClickException("no new key: pass --new-key-file, or set CHAT_SESSION_NEW_ENCRYPTION_KEY")
+    if new == old:
+        raise click.ClickException("the new key is the current one")
+    keys = config.encryption_keys_path or keys_path_for(db)
+    if not keys.exists():
+        raise click.ClickException(f"{keys} does not exist: nothing is encrypted with a key to rotate")
+
+    async def work(_: SQLiteBackend) -> int:
+        return await rotate_kek(SQLiteKeyStore(keys), old, new)
+
+    count = _run(work, db, changing="stop the app, rotate the key, then start the app with the new key")
+    click.echo(f"re-wrapped {count} data key(s) in {keys}; start the app with the new key")
 
 
 def main() -> None:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 
 from .errors import ConfigError
 
-__all__ = ["ENV_VARS", "Config"]
+__all__ = ["ENV_VARS", "Config", "decode_kek"]
 
 SYNCHRONOUS_MODES: Final = ("OFF", "NORMAL", "FULL", "EXTRA")
 _SCHEMA_RE: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -44,6 +46,10 @@ class Config:
     shutdown_timeout_seconds: float = 10.0
     max_message_bytes: int = 1_000_000
     retry_max_delay_ms: int = 30_000
+    # Several instances on PostgreSQL: how long a request waits for another instance to
+    # answer a handoff, and for a reply streaming into the session there to end.
+    handoff_timeout_seconds: float = 5.0
+    hold_timeout_seconds: float = 120.0
     # Where dirty sessions go when the backend refuses them at shutdown; None: beside the
     # database file. Put it on another disk than the database's, the one most likely full.
     recovery_path: Path | None = None
@@ -53,6 +59,12 @@ class Config:
     backup_dir: Path | None = None
     backup_interval_hours: float = 6.0
     backup_keep: int = 28
+    # Encryption at rest (writebehind.encryption): the key-encryption key, base64 of 32 bytes,
+    # given inline or in a file (not both); None: nothing is encrypted. Never in repr().
+    # `encryption_keys_path`: SQLite's data-keys file; None: beside the database, `<db>.keys`.
+    encryption_key: str | None = field(default=None, repr=False)
+    encryption_key_file: Path | None = None
+    encryption_keys_path: Path | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.db_path, Path):
@@ -61,6 +73,10 @@ class Config:
             object.__setattr__(self, "recovery_path", Path(self.recovery_path))
         if self.backup_dir is not None and not isinstance(self.backup_dir, Path):
             object.__setattr__(self, "backup_dir", Path(self.backup_dir))
+        for name in ("encryption_key_file", "encryption_keys_path"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), Path):
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        self._check_encryption()
         if not isinstance(self.db_schema, str) or _SCHEMA_RE.fullmatch(self.db_schema) is None:
             raise ConfigError(
                 f"db_schema must be a lower-case SQL identifier (a-z, 0-9, _; at most 63), "
@@ -76,6 +92,8 @@ class Config:
             "max_flushes_per_second",
             "max_message_bytes",
             "retry_max_delay_ms",
+            "handoff_timeout_seconds",
+            "hold_timeout_seconds",
             "backup_interval_hours",
             "backup_keep",
         )
@@ -117,6 +135,22 @@ class Config:
             raise ConfigError(f"synchronous must be one of {SYNCHRONOUS_MODES}, got {self.synchronous!r}")
         object.__setattr__(self, "synchronous", mode)
 
+    def _check_encryption(self) -> None:
+        if self.encryption_key is not None:
+            decode_kek(self.encryption_key, "encryption_key")
+            if self.encryption_key_file is not None:
+                raise ConfigError("encryption_key and encryption_key_file are both set: give the key one way")
+        on = self.encryption_key is not None or self.encryption_key_file is not None
+        if self.encryption_keys_path is not None and (self.db_url is not None or not on):
+            raise ConfigError(
+                "encryption_keys_path is the SQLite data-keys file: it needs an encryption key, and with "
+                "PostgreSQL the keys live in the schema <db_schema>_keys"
+            )
+        if on and self.db_url is not None and len(self.db_schema) > 58:
+            raise ConfigError(
+                "db_schema must be at most 58 characters with encryption (the keys live in <db_schema>_keys)"
+            )
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
         """Read `CHAT_SESSION_*` variables; unset ones keep their defaults."""
@@ -139,6 +173,20 @@ class Config:
                 if text.startswith(name + " "):
                     raise ConfigError(f"{var}: {text}") from None
             raise
+
+
+def decode_kek(text: str, name: str) -> bytes:
+    """A key-encryption key from its base64 text; `ConfigError` naming `name` (never the key)."""
+    try:
+        key = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) != 32:
+        raise ConfigError(
+            f'{name} must be base64 of 32 random bytes (make one with: python -c "import base64, os; '
+            'print(base64.b64encode(os.urandom(32)).decode())")'
+        )
+    return key
 
 
 def _path(raw: str) -> Path:
@@ -170,10 +218,15 @@ ENV_VARS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "shutdown_timeout_seconds": ("CHAT_SESSION_SHUTDOWN_TIMEOUT_SECONDS", float),
     "max_message_bytes": ("CHAT_SESSION_MAX_MESSAGE_BYTES", int),
     "retry_max_delay_ms": ("CHAT_SESSION_RETRY_MAX_DELAY_MS", int),
+    "handoff_timeout_seconds": ("CHAT_SESSION_HANDOFF_TIMEOUT_SECONDS", float),
+    "hold_timeout_seconds": ("CHAT_SESSION_HOLD_TIMEOUT_SECONDS", float),
     "recovery_path": ("CHAT_SESSION_RECOVERY_PATH", _path),
     "backup_dir": ("CHAT_SESSION_BACKUP_DIR", _path),
     "backup_interval_hours": ("CHAT_SESSION_BACKUP_INTERVAL_HOURS", float),
     "backup_keep": ("CHAT_SESSION_BACKUP_KEEP", int),
+    "encryption_key": ("CHAT_SESSION_ENCRYPTION_KEY", _str),
+    "encryption_key_file": ("CHAT_SESSION_ENCRYPTION_KEY_FILE", _path),
+    "encryption_keys_path": ("CHAT_SESSION_ENCRYPTION_KEYS_PATH", _path),
 }
 
 assert set(ENV_VARS) == {f.name for f in fields(Config)}

@@ -16,12 +16,15 @@ __all__ = [
     "ConfigError",
     "ConflictError",
     "DatabaseLockedError",
+    "DecryptionError",
+    "EncryptionError",
     "NotFound",
     "OwnershipError",
     "SchemaError",
     "StorageError",
     "ValidationError",
     "WriteBehindError",
+    "WrongKeyError",
 ]
 
 
@@ -80,6 +83,29 @@ class StorageError(WriteBehindError):
 
 class SchemaError(StorageError):
     """The database file is not one this version can use; it was left untouched."""
+
+
+class EncryptionError(StorageError):
+    """Encrypted data, or the keys that open it, cannot be used (`writebehind.encryption`).
+    Never garbage instead: a value that does not decrypt raises."""
+
+
+class WrongKeyError(EncryptionError):
+    """The key-encryption key (CHAT_SESSION_ENCRYPTION_KEY or _FILE) is not the one the keys
+    store was made with, or was last rotated to. Raised by `start()`, which changed nothing;
+    the message names both keys by their public ids, never the keys."""
+
+
+class DecryptionError(EncryptionError):
+    """A stored value of the session does not decrypt: it was changed or moved outside
+    writebehind, or its data key is not in the keys store (a keys store from elsewhere).
+    `session_id` names the session; the load that met it raises this, and nothing else is
+    affected."""
+
+    def __init__(self, session_id: str, problem: str) -> None:
+        super().__init__(f"session {session_id!r}: {problem}")
+        self.session_id = session_id
+        self.problem = problem
 
 
 class DatabaseLockedError(StorageError):

@@ -36,12 +36,15 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import orjson
 
 from .errors import WriteBehindError
 from .model import SessionRecord, StoredMessage, UserId, from_micros, to_micros
+
+if TYPE_CHECKING:
+    from .backends.pg_ownership import OwnershipStats
 
 __all__ = ["LiveView", "Relay", "Replica", "Transport"]
 
@@ -69,6 +72,8 @@ class Transport(Protocol):
     def kept_by(self, session_id: str) -> int | None: ...
 
     async def signal(self, session_id: str, name: str) -> bool: ...
+
+    def stats(self) -> OwnershipStats: ...
 
 
 @dataclass(slots=True)
@@ -113,8 +118,9 @@ def encode_changes(
     messages: Sequence[StoredMessage], sent: list[StoredMessage], start: int
 ) -> list[str] | None:
     """The `live` payloads that bring a follower from `sent` to `messages` (from index
-    `start`), updating `sent`; None when only a reload can (messages were removed)."""
-    if len(messages) < len(sent):
+    `start`), updating `sent`; None when only a reload can (messages were removed, or
+    what the follower has is not known up to `start`)."""
+    if len(messages) < len(sent) or start > len(sent):
         return None
     items: list[dict[str, Any]] = []
     for i in range(max(start, 0), len(messages)):
@@ -321,6 +327,16 @@ class Relay:
                 payloads = [""]
             self._sent_messages += len(payloads)
             await self._transport.tell(sid, sorted(followed), payloads)
+
+    @property
+    def sent_messages(self) -> int:
+        return self._sent_messages
+
+    def followed_count(self) -> int:
+        return len(self._replicas)
+
+    def follower_count(self) -> int:
+        return sum(len(f) for f in self.followers.values())
 
     def keeps(self, session_id: str) -> bool:
         return self._peek(session_id) is not None

@@ -35,6 +35,12 @@ _COUNTERS = (
     ("cleanup_failures", "Scheduled retention cleanups that failed."),
     ("backups_made", "Scheduled backups written (integrity-checked)."),
     ("backup_failures", "Scheduled backups that failed."),
+    ("handoffs", "Sessions taken from another live instance (PostgreSQL)."),
+    ("takeovers", "Sessions taken from an instance that had died (PostgreSQL)."),
+    ("sessions_given", "Sessions let go to another instance (PostgreSQL)."),
+    ("reads_elsewhere", "Reads answered from the database while another instance kept the session."),
+    ("ownership_timeouts", "Requests that gave up waiting for another instance."),
+    ("live_messages_sent", "Change notifications sent to instances following sessions kept here."),
 )
 _GAUGES = (
     ("hot_sessions", "Sessions in memory."),
@@ -46,6 +52,8 @@ _GAUGES = (
     ("consecutive_failures", "Flush failures since the last success."),
     ("poisoned_sessions", "Sessions whose data the backend refused; kept in memory."),
     ("consecutive_backup_failures", "Scheduled backups failed since the last one that worked."),
+    ("followed_sessions", "Sessions kept by other instances that streams here follow."),
+    ("followers", "Instances following sessions kept here, summed over those sessions."),
 )
 # Known only once the store's background work has measured them (and never for a plain
 # SessionStore): left out until then, rather than a zero that would read as "empty".

@@ -95,6 +95,21 @@ class StoreStats:
     last_backup_at: datetime | None = None
     last_backup_error: str | None = None
     backups_kept: int | None = None
+    # Several instances on PostgreSQL (all zero / None otherwise): this instance's id;
+    # sessions taken from a live owner (`handoffs`) or a dead one (`takeovers`), let go to
+    # another (`sessions_given`), read from the database while another kept them
+    # (`reads_elsewhere`), requests that gave up (`ownership_timeouts`); sessions kept
+    # elsewhere that streams here follow (`followed_sessions`), instances following
+    # sessions kept here (`followers`), and the change notifications sent to them.
+    instance_id: int | None = None
+    handoffs: int = 0
+    takeovers: int = 0
+    sessions_given: int = 0
+    reads_elsewhere: int = 0
+    ownership_timeouts: int = 0
+    followed_sessions: int = 0
+    followers: int = 0
+    live_messages_sent: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,7 @@ from .model import (
     to_micros,
     utcnow,
 )
+from .policy import UserPreferences, check_keep_history, check_not_reserved
 from .stats import StoreStats
 
 __all__ = ["UNSET", "Applied", "Entry", "HotTier", "SessionStore"]
@@ -83,6 +84,7 @@ class Entry:
         "messages",
         "sizes",
         "status",
+        "temporary",
         "title",
         "updated_at",
         "user_agent",
@@ -112,6 +114,9 @@ class Entry:
         # limit costs O(token), not a re-encoding of the whole reply on every token.
         self.sizes: dict[str, int] = {}
         self.last_touch = last_touch
+        # Never written anywhere, whatever the policy (`ensure_session(persist=False)`), and
+        # it expires like an anonymous session. Set once, at creation; never cleared.
+        self.temporary = False
 
     def snapshot(self, with_messages: bool = True) -> SessionRecord:
         # `session_record`, not `SessionRecord(...)`: a sixth of the cost, on every call that
@@ -229,7 +234,7 @@ class HotTier:
         else:
             self.__lru[session_id]  # the LRU's "recently used"
         if (
-            entry.user_id is None
+            (entry.user_id is None or entry.temporary)
             and self.__monotonic() - entry.last_touch > self.__anon_ttl
             and session_id not in self.__pins
         ):
@@ -238,16 +243,19 @@ class HotTier:
             return None
         return entry
 
-    def insert(self, record: SessionRecord) -> Entry:
-        """Put a record (new, or loaded from disk) into memory, replacing any entry of its id."""
+    def insert(self, record: SessionRecord, temporary: bool = False) -> Entry:
+        """Put a record (new, or loaded from disk) into memory, replacing any entry of its id.
+        A `temporary` one (never written) expires like an anonymous one and is still listed
+        under its user."""
         if record.id in self.__entries:
             self.remove(record.id)
         entry = Entry(record, self.__monotonic())
+        entry.temporary = temporary
         self.__entries[entry.id] = entry
         self.__lru[entry.id] = entry
-        if entry.user_id is None:
+        if entry.user_id is None or temporary:
             self.__anon_order[entry.id] = None
-        else:
+        if entry.user_id is not None:
             self.__by_user.setdefault(entry.user_id, set()).add(entry.id)
         return entry
 
@@ -283,14 +291,16 @@ class HotTier:
         return set(self.__by_user.get(user_id, ()))
 
     def claimed(self, entry: Entry, user_id: UserId) -> None:
-        """An anonymous entry now belongs to `user_id`: re-index it."""
-        self.__anon_order.pop(entry.id, None)
+        """An anonymous entry now belongs to `user_id`: re-index it (a temporary one keeps
+        its idle TTL: a claim never makes it persistent)."""
+        if not entry.temporary:
+            self.__anon_order.pop(entry.id, None)
         entry.user_id = user_id
         entry.binding_token = None
         self.__by_user.setdefault(user_id, set()).add(entry.id)
 
     def touched(self, entry: Entry) -> None:
-        if entry.user_id is None:
+        if entry.user_id is None or entry.temporary:
             entry.last_touch = self.__monotonic()
             self.__anon_order[entry.id] = None
             self.__anon_order.move_to_end(entry.id)
@@ -305,7 +315,7 @@ class HotTier:
             self.__drop(session_id, parked)
 
     def expire_idle(self, limit: int = 8) -> int:
-        """Drop up to `limit` anonymous sessions idle past the TTL, oldest first, skipping
+        """Drop up to `limit` anonymous and temporary sessions idle past the TTL, oldest first, skipping
         pinned ones (a policy may persist anonymous sessions). Amortised O(1), never a scan."""
         deadline = self.__monotonic() - self.__anon_ttl
         expired = 0
@@ -342,8 +352,9 @@ class HotTier:
         self.__unindex(entry)
 
     def __unindex(self, entry: Entry) -> None:
-        if entry.user_id is None:
+        if entry.user_id is None or entry.temporary:
             self.__anon_order.pop(entry.id, None)
+        if entry.user_id is None:
             return
         ids = self.__by_user.get(entry.user_id)
         if ids is not None:
@@ -378,6 +389,9 @@ class SessionStore:
         self._clock = clock
         self._hits = 0
         self._misses = 0
+        # Users whose new sessions are temporary by default (`set_user_preferences`). In
+        # memory, like everything of this store; `WriteBehindStore` keeps it on disk.
+        self._no_history: set[UserId] = set()
 
     @property
     def maxsize(self) -> int:
@@ -401,15 +415,35 @@ class SessionStore:
         user_agent: str | None = None,
         binding_token: str | None = None,
         csrf_token: str | None = None,
+        persist: bool | None = None,
         durable: bool = False,
     ) -> SessionRecord:
         """Return the caller's session `session_id`, creating it if it does not exist.
 
         With `session_id=None` a new random id is chosen. An existing session is
         returned unchanged (the other arguments only apply on creation).
+
+        `persist=False` creates a temporary session: never written anywhere (under a
+        `WriteBehindStore`), expiring after `anon_ttl_seconds` idle like an anonymous one,
+        never made persistent by a claim. `None` (the default): the user's preference
+        (`set_user_preferences`), else kept. Asking for an existing session with a
+        `persist` it does not have raises `ValidationError("persist")`: a session never
+        changes between temporary and kept.
         """
+        check_not_reserved(session_id)
+        uid = check_user_id(user_id)
+        keep = uid is None or uid not in self._no_history
         session = self.do_ensure(
-            session_id, user_id, title, status, client_ip, user_agent, binding_token, csrf_token
+            session_id,
+            user_id,
+            title,
+            status,
+            client_ip,
+            user_agent,
+            binding_token,
+            csrf_token,
+            persist,
+            keep,
         )[0]
         return session.snapshot()
 
@@ -513,9 +547,33 @@ class SessionStore:
         self._tier.remove(session.id)
 
     async def delete_user(self, user_id: UserId) -> int:
-        """Remove every session of the user; returns how many there were in memory."""
+        """Remove every session of the user, and their preferences; returns how many
+        sessions there were in memory."""
         uid = require_user(user_id)
+        self._no_history.discard(uid)
         return len(self._tier.remove_user(uid))
+
+    async def set_user_preferences(self, user_id: UserId, *, keep_history: bool) -> UserPreferences:
+        """`keep_history=False`: the user's new sessions are temporary unless created with
+        `persist=True`. Sessions that exist keep what they are."""
+        uid = require_user(user_id)
+        check_keep_history(keep_history)
+        if keep_history:
+            self._no_history.discard(uid)
+        else:
+            self._no_history.add(uid)
+        return UserPreferences(keep_history=keep_history)
+
+    async def user_preferences(self, user_id: UserId) -> UserPreferences:
+        return UserPreferences(keep_history=require_user(user_id) not in self._no_history)
+
+    def is_temporary(
+        self, session_id: str, *, user_id: UserId | None, binding_token: str | None = None
+    ) -> bool:
+        """Whether the caller's session `session_id` is in memory here and temporary. False
+        for anything else, another user's session included. No I/O, no LRU touch."""
+        entry = self._tier.peek(session_id) if type(session_id) is str else None
+        return entry is not None and entry.temporary and entry.owned_by(check_user_id(user_id), binding_token)
 
     async def claim(
         self,
@@ -556,8 +614,11 @@ class SessionStore:
         user_agent: str | None,
         binding_token: str | None,
         csrf_token: str | None,
+        persist: bool | None = None,
+        keep_default: bool = True,
     ) -> Applied:
-        """The whole session is to be written if it was created."""
+        """The whole session is to be written if it was created (unless it is temporary:
+        `persist` False, or None and `keep_default` False)."""
         sid = new_id() if session_id is None else check_id("session_id", session_id)
         uid = check_user_id(user_id)
         title = check_optional_text("title", title, _MAX_TITLE_BYTES)
@@ -566,11 +627,21 @@ class SessionStore:
         user_agent = check_optional_text("user_agent", user_agent, _MAX_CLIENT_FIELD_BYTES)
         binding_token = check_optional_text("binding_token", binding_token, _MAX_CLIENT_FIELD_BYTES)
         csrf_token = check_optional_text("csrf_token", csrf_token, _MAX_CLIENT_FIELD_BYTES)
+        if persist is not None and type(persist) is not bool:
+            raise ValidationError("persist", f"must be a bool or None, not {type(persist).__name__}")
         existing = self._tier.get(sid)
         if existing is not None:
             if not existing.owned_by(uid, binding_token):
                 self._misses += 1
                 raise NotFound(sid)
+            if persist is not None and persist == existing.temporary:
+                # Refused, not ignored: a caller told "kept" about a temporary session would
+                # lose it, one told "temporary" about a kept one would leave it on disk.
+                raise ValidationError(
+                    "persist",
+                    f"session {sid!r} is {'temporary' if existing.temporary else 'kept'}: a session never "
+                    "changes between temporary and kept; start a new one",
+                )
             self._touch(existing)
             return existing, None, False, existing
         now = self._clock()
@@ -588,8 +659,9 @@ class SessionStore:
             csrf_token=csrf_token,
         )
         self._tier.expire_idle()
-        entry = self._tier.insert(record)
-        return entry, None, True, entry
+        temporary = not (keep_default if persist is None else persist)
+        entry = self._tier.insert(record, temporary)
+        return entry, None, not temporary, entry
 
     def do_append(
         self,

@@ -33,7 +33,7 @@ What a caller may rely on:
 - Back-pressure: when `max_dirty` sessions wait for the disk, a write that would
   dirty one more waits up to `backpressure_timeout_ms` for the worker, then raises
   `BackPressureError` having changed nothing. Writes to already-dirty sessions and
-  to anonymous ones are never refused.
+  to anonymous or temporary ones are never refused.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self, cast
 
-from .backends.base import Backend, RecordError, SessionDelta
+from .backends.base import Backend, RecordError, SearchableBackend, SessionDelta
 from .backups import BackupScheduler
 from .config import Config
 from .dirty import DirtyIndex, Taken
@@ -82,8 +82,19 @@ from .model import (
     utcnow,
 )
 from .ownership import Access, Holds, ownership_for
-from .policy import PersistencePolicy, authenticated_only
+from .policy import (
+    PREFERENCES_STATUS,
+    PREFERENCES_TITLE,
+    PersistencePolicy,
+    UserPreferences,
+    authenticated_only,
+    check_keep_history,
+    check_not_reserved,
+    preferences_id,
+    preferences_of,
+)
 from .recovery import read_recovery, recovery_path_for, scrub_recovery, write_recovery
+from .search import Order, SearchPage, SearchRow, check_search, disk_window, memory_rows, merge_pages
 from .stats import DiskMonitor, StoreStats, status_path_for
 from .store import UNSET, Applied, Entry, SessionStore
 from .worker import FlushWorker
@@ -112,6 +123,9 @@ _LET_GO_FLUSHES: Final = 2
 # A change that names no message (see `_write`): the relay compares only the count.
 _NO_SEQ: Final = 2**62
 _TAKE_ROUNDS: Final = 10
+# How stale a user's preferences session's last_access_at may be on disk before a read takes
+# it to move it (retention deletes what is idle for `retention_days`, at least one day).
+_PREFERENCES_REFRESH: Final = timedelta(days=1)
 
 
 class WriteBehindStore:
@@ -202,13 +216,23 @@ class WriteBehindStore:
         if config.db_url is not None:
             from .backends.postgres import PostgresBackend
 
-            backend = PostgresBackend(config.db_url, schema=config.db_schema)
+            backend = PostgresBackend(
+                config.db_url,
+                schema=config.db_schema,
+                handoff_timeout_s=config.handoff_timeout_seconds,
+                hold_timeout_s=config.hold_timeout_seconds,
+            )
         else:
             backend = SQLiteBackend(
                 config.db_path,
                 synchronous=config.synchronous,
                 busy_timeout_ms=config.busy_timeout_ms,
             )
+        if config.encryption_key is not None or config.encryption_key_file is not None:
+            # Imported only then: `cryptography` is the optional `encryption` extra.
+            from .encryption import encrypted_backend
+
+            backend = encrypted_backend(backend, config)
         # The recovery file: CHAT_SESSION_RECOVERY_PATH, else beside the SQLite file (for
         # PostgreSQL: beside db_path, on this machine).
         return cls(
@@ -589,14 +613,18 @@ class WriteBehindStore:
             if sid in loading:
                 self._stale_loads.add(sid)
 
-    async def _admit(self, session_id: str, user_id: UserId | None, creating: bool = False) -> None:
-        """`_ready`, plus back-pressure for a write that would dirty one more session."""
+    async def _admit(
+        self, session_id: str, user_id: UserId | None, creating: bool = False, transient: bool = False
+    ) -> None:
+        """`_ready`, plus back-pressure for a write that would dirty one more session
+        (`transient`: it creates a temporary one, which never does)."""
         await self._ready(session_id, user_id, creating=creating)
         if self._dirty.backlog() < self._max_dirty or self._dirty.holds(session_id):
             return
         session = self._tier.peek(session_id)
-        owner = user_id if session is None else session.user_id
-        if not self._policy(session_id, owner):
+        if transient or not (
+            self._policy(session_id, user_id) if session is None else self._persists(session)
+        ):
             return
         await self._make_room()
         await self._ready(session_id, user_id, creating=creating)
@@ -631,7 +659,8 @@ class WriteBehindStore:
         )
 
     def _persists(self, session: Entry) -> bool:
-        return self._policy(session.id, session.user_id)
+        """Whether the session is ever written: never a temporary one, whatever the policy."""
+        return not session.temporary and self._policy(session.id, session.user_id)
 
     async def _write(
         self,
@@ -641,6 +670,7 @@ class WriteBehindStore:
         apply: Callable[..., Applied],
         *args: Any,
         creating: bool = False,
+        transient: bool = False,
     ) -> Any:
         """The one path of every write: admit (load on a miss, back-pressure), apply to the
         hot tier (`apply(session_id, *args)`, one of `SessionStore.do_*`), mark what it
@@ -653,7 +683,9 @@ class WriteBehindStore:
             # A fresh random id: nothing on disk to look for.
             self._require_running()
             session_id = new_id()
-            if self._policy(session_id, user_id):
+            # A temporary session is owned by no one but this instance's memory, as an
+            # anonymous one: nothing to register, no back-pressure (it is never dirty).
+            if not transient and self._policy(session_id, user_id):
                 # Owned before anyone can know the id, so that another instance asked for
                 # it right after finds it here (no row until the first flush).
                 await self._ownership.acquire(session_id)
@@ -663,7 +695,7 @@ class WriteBehindStore:
                 # a write applied now, so refuse it rather than acknowledge it and lose it.
                 self._require_running()
         elif not self._hot_now(session_id):
-            await self._admit(session_id, user_id, creating=creating)
+            await self._admit(session_id, user_id, creating=creating, transient=transient)
             self._require_running()  # the same, after a load or back-pressure
         entry, seq, full, result = apply(session_id, *args)
         relay = self._relay
@@ -676,7 +708,7 @@ class WriteBehindStore:
 
     def _wrote(self, session: Entry, seq: int | None = None, full: bool = False) -> bool:
         """Mark what a write changed, if this session persists; True if it does."""
-        if not self._policy(session.id, session.user_id):
+        if session.temporary or not self._policy(session.id, session.user_id):
             return False
         if self._dirty.mark(session.id, seq, full) >= self._flush_batch:
             self._worker.kick()
@@ -695,8 +727,26 @@ class WriteBehindStore:
         user_agent: str | None = None,
         binding_token: str | None = None,
         csrf_token: str | None = None,
+        persist: bool | None = None,
         durable: bool = False,
     ) -> SessionRecord:
+        """`SessionStore.ensure_session`. A temporary session (`persist=False`, or `None` for a
+        user whose preference is `keep_history=False`) is never written: not by the worker,
+        `flush()`, `durable=True`, `aclose()` or its recovery file, nor after a `claim`; it is
+        served by this instance only (like an anonymous one), expires after
+        `anon_ttl_seconds` idle, and is in `list_sessions` and `export_user` while it exists."""
+        check_not_reserved(session_id)
+        if persist is not None and type(persist) is not bool:
+            raise ValidationError("persist", f"must be a bool or None, not {type(persist).__name__}")
+        keep = True
+        if (
+            persist is None
+            and user_id is not None
+            and not (type(session_id) is str and session_id in self._tier)
+        ):
+            # Creating, most likely: the user's default decides (one read of their
+            # preferences session, from memory once loaded; never on a token's path).
+            keep = (await self.user_preferences(user_id)).keep_history
         entry: Entry = await self._write(
             session_id,
             user_id,
@@ -709,7 +759,10 @@ class WriteBehindStore:
             user_agent,
             binding_token,
             csrf_token,
+            persist,
+            keep,
             creating=True,
+            transient=persist is False or (persist is None and not keep),
         )
         return entry.snapshot()
 
@@ -853,20 +906,91 @@ class WriteBehindStore:
         binding_token: str | None = None,
         durable: bool = False,
     ) -> SessionRecord:
-        """Hand an anonymous session to the user who signed in; from now on it persists whole."""
+        """Hand an anonymous session to the user who signed in; from now on it persists whole
+        (a temporary one stays temporary: never written, this instance's only)."""
         require_user(user_id)
-        if type(session_id) is str and session_id in self._tier:
+        entry = self._tier.peek(session_id) if type(session_id) is str else None
+        if entry is not None and not entry.temporary:
             # From now on it persists: owned here before another instance can ask for it.
+            # (A temporary session never does: it stays this instance's, in memory.)
             await self._ownership.acquire(session_id)
-        entry: Entry = await self._write(
+        claimed: Entry = await self._write(
             session_id, user_id, durable, self._hot.do_claim, user_id, binding_token
         )
-        return entry.snapshot()
+        return claimed.snapshot()
+
+    def is_temporary(
+        self, session_id: str, *, user_id: UserId | None, binding_token: str | None = None
+    ) -> bool:
+        """Whether the caller's session is in memory here and temporary (no I/O)."""
+        return self._hot.is_temporary(session_id, user_id=user_id, binding_token=binding_token)
+
+    async def user_preferences(self, user_id: UserId) -> UserPreferences:
+        """The user's preferences (the defaults if they never set any)."""
+        self._require_running()
+        uid = require_user(user_id)
+        sid = preferences_id(uid)
+        entry = self._tier.peek(sid)
+        if entry is not None:
+            if not entry.owned_by(uid, None):
+                return UserPreferences()
+            # Read like a session (LRU, last_access_at): retention keeps it while in use.
+            self._dirty.touch(self._hot.owned(sid, uid, None))
+            return preferences_of(entry.messages)
+        if not self._policy(sid, uid):
+            return UserPreferences()  # this store never writes it: nothing to read
+        # Not in memory here: read from the database without taking it. Setting it is
+        # durable, so the database has the last value set on any instance; taking it instead
+        # passed it to and fro between instances creating sessions for one user at once.
+        record = await self._backend.load_session(sid)
+        if record is None or record.user_id != uid:
+            return UserPreferences()
+        if utcnow() - record.last_access_at >= _PREFERENCES_REFRESH:
+            # Once a day at most: take it and mark it read, so that retention (idle days)
+            # never deletes the setting of a user who is active. A failure only postpones it.
+            with contextlib.suppress(StorageError):
+                await self._ready(sid, uid)
+                taken = self._tier.peek(sid)
+                if taken is not None and taken.owned_by(uid, None):
+                    self._dirty.touch(self._hot.owned(sid, uid, None))
+        return preferences_of(record.messages)
+
+    async def set_user_preferences(self, user_id: UserId, *, keep_history: bool) -> UserPreferences:
+        """Set the user's preferences; on disk when it returns. `keep_history=False`: their
+        new sessions are temporary unless created with `persist=True` (existing sessions
+        keep what they are). Stored as a session of the user's own (`policy.preferences_id`),
+        which `list_sessions` leaves out and `delete_user` erases; back to the default
+        (`keep_history=True`) it is deleted, so a user who never opted out has nothing stored."""
+        self._require_running()
+        uid = require_user(user_id)
+        check_keep_history(keep_history)
+        sid = preferences_id(uid)
+        if keep_history:
+            with contextlib.suppress(NotFound):
+                # Taken first: another instance may hold it in memory, and would go on
+                # reading it there after a delete of the row alone.
+                await self._ready(sid, uid)
+                await self.delete_session(sid, user_id=uid)
+            return UserPreferences(keep_history=True)
+        # Through the one write path, as a kept session: created if need be (`persist=True`
+        # whatever the current default), then the value in its one message's metadata.
+        entry: Entry = await self._write(
+            sid, uid, False, self._hot.do_ensure, uid, PREFERENCES_TITLE, PREFERENCES_STATUS,
+            None, None, None, None, True, True, creating=True,
+        )  # fmt: skip
+        value: Metadata = {"keep_history": False}
+        if entry.messages:
+            last = entry.messages[-1].id
+            await self._write(sid, uid, True, self._hot.do_update_message, last, uid, None, None, value, None)
+        else:
+            await self._write(sid, uid, True, self._hot.do_append, uid, "system", "", None, value, None)
+        return UserPreferences(keep_history=False)
 
     async def list_sessions(
         self, user_id: UserId, *, limit: int | None = None, offset: int = 0
     ) -> list[SessionSummary]:
-        """The user's sessions from memory and disk (memory's newer state wins), newest first."""
+        """The user's sessions from memory and disk (memory's newer state wins), newest first;
+        temporary ones included while they exist, the user's preferences session never."""
         self._require_running()
         check_window(offset, limit, "offset")
         in_memory = await self._hot.list_sessions(user_id)  # validates user_id
@@ -874,14 +998,48 @@ class WriteBehindStore:
             return []
         # Any session in the merged top (offset + limit) is either in memory or within the
         # disk's top (offset + limit + len(in_memory)): in-memory rows can only displace.
-        want = None if limit is None else offset + limit + len(in_memory)
+        # One more: the user's preferences session (never listed) may be among them.
+        want = None if limit is None else offset + limit + len(in_memory) + 1
         if want is not None and want > _INT64_MAX:
             want = None  # past any table's size: the same as no limit, and SQL takes it
         on_disk = await self._backend.list_sessions(user_id, limit=want, offset=0)
         merged = {s.id: s for s in on_disk}
         merged.update((s.id, s) for s in in_memory)
+        merged.pop(preferences_id(user_id), None)
         ordered = sorted(merged.values(), key=newest_first)
         return ordered[offset : None if limit is None else offset + limit]
+
+    async def search(
+        self,
+        user_id: UserId,
+        query: str,
+        *,
+        limit: int = 20,
+        offset: int = 0,
+        order: str = "relevance",
+    ) -> SearchPage:
+        """The user's messages holding every word of `query` (case-insensitive substrings,
+        any script), with snippets, best (`"relevance"`) or newest first, a page at a time
+        (`SearchPage.next_offset`). Sessions held in memory are searched there (their
+        unflushed messages included) and left out of the disk's answer: nothing twice.
+        `query` is words, never a query language. `ValidationError` names a bad argument;
+        a backend without `search` (e.g. one that only sees ciphertext) raises StorageError.
+        """
+        self._require_running()
+        uid = require_user(user_id)
+        words = check_search(query, limit, offset, order)
+        # Looked up on the class: a wrapper that forwards unknown attributes to the backend
+        # it wraps (encryption) must not pass for one that can search its own data.
+        if getattr(type(self._backend), "search", None) is None:
+            raise StorageError(f"{type(self._backend).__name__} does not support search")
+        ordering = cast(Order, order)
+        hot = [e for e in self._tier.sessions_of(uid) if e.id != preferences_id(uid)]
+        in_memory = memory_rows(((e.id, e.title, list(e.messages)) for e in hot), words)
+        want, skip = disk_window(limit=limit, offset=offset)
+        on_disk: list[SearchRow] = await cast(SearchableBackend, self._backend).search(
+            uid, words, limit=want, offset=skip, order=ordering, exclude={e.id for e in hot}
+        )
+        return merge_pages(in_memory, on_disk, words, limit=limit, offset=offset, order=ordering)
 
     async def delete_session(
         self, session_id: str, *, user_id: UserId | None, binding_token: str | None = None
@@ -1002,8 +1160,11 @@ class WriteBehindStore:
     # -- live streams (several instances) ------------------------------------------------------
 
     def _peek_messages(self, session_id: str) -> list[StoredMessage] | None:
+        """What the relay sends followers on other instances: nothing of a session that is
+        never written (temporary, or anonymous), whose text must not leave this process
+        (a NOTIFY goes through the database server, and may spill to its disk)."""
         entry = self._tier.peek(session_id)
-        return None if entry is None else entry.messages
+        return None if entry is None or not self._persists(entry) else entry.messages
 
     def on_signal(self, handler: Callable[[str, str], None]) -> None:
         """Call `handler(session_id, name)` when another instance `signal()`s a session kept
@@ -1178,6 +1339,20 @@ class WriteBehindStore:
             last_cleanup_at=self._last_cleanup_at,
             cleanup_failures=self._cleanup_failures,
         )
+        if self._relay is not None:
+            ownership = cast(Transport, self._ownership).stats()
+            stats = replace(
+                stats,
+                instance_id=ownership.instance_id,
+                handoffs=ownership.handoffs,
+                takeovers=ownership.takeovers,
+                sessions_given=ownership.given,
+                reads_elsewhere=ownership.reads_elsewhere,
+                ownership_timeouts=ownership.timeouts,
+                followed_sessions=self._relay.followed_count(),
+                followers=self._relay.follower_count(),
+                live_messages_sent=self._relay.sent_messages,
+            )
         # The disk's figures and the backups' come from what their background work found:
         # stats() does no I/O.
         stats = self._monitor.fill(stats)

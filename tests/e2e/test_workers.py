@@ -31,6 +31,8 @@ from .server import Server, client, events
 
 pytestmark = pytest.mark.timeout(240)
 
+# Messages each of the 8 clients posts (half of them into a session all its user's clients share).
+ROUNDS = 25
 TEXTS = ["héllo 👋🏽", "你好 世界", "שלום עולם", "e\u0301 combining", "plain"]
 
 
@@ -121,7 +123,7 @@ def test_random_routing_keeps_every_acknowledged_message_once_in_order(
         mine = _create(local.choice(servers), who)
         with lock:
             own[n] = mine
-        for i in range(14):
+        for i in range(ROUNDS):
             sid = shared[who] if i % 2 else mine
             text = f"{local.choice(TEXTS)} #{n}.{i}"
             with client(local.choice(servers), who) as c:
@@ -156,7 +158,7 @@ def test_random_routing_keeps_every_acknowledged_message_once_in_order(
             if role == "user":
                 assert next_role == "assistant" and reply.startswith("You said:")
         total += len(users)
-    assert total == 8 * 14
+    assert total == 8 * ROUNDS
 
 
 def _create(server: Server, who: str) -> str:
@@ -242,7 +244,9 @@ def test_a_killed_worker_s_sessions_are_served_by_the_others_within_two_seconds(
     killed = time.monotonic()
     follower.join(30)
     assert not follower.is_alive(), "the stream on B never ended the cut reply"
-    assert time.monotonic() - killed < 2.0 + 1.0  # served within 2 s (1 s of slack for this thread)
+    took = time.monotonic() - killed
+    print(f"the cut reply ended on B {took:.2f} s after the SIGKILL")
+    assert took < 2.0, f"served only after {took:.2f} s"
     last = seen[-1]
     assert last["done"] and last["interrupted"]
     # A new message goes through at once on another worker.

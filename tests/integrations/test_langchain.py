@@ -42,7 +42,7 @@ from langchain_core.runnables import RunnableLambda
 from langchain_core.runnables.history import RunnableWithMessageHistory
 
 from writebehind import ClosedError, Config, NotFound, ValidationError, WriteBehindError, WriteBehindStore
-from writebehind.integrations.langchain import SyncCallInEventLoopError, WriteBehindChatMessageHistory
+from writebehind.integrations.langchain import STATUS, SyncCallInEventLoopError, WriteBehindChatMessageHistory
 
 from ..conftest import StoreFactory
 from ..reliability.helpers import on_disk
@@ -174,6 +174,60 @@ async def test_messages_the_app_appended_itself_come_back_as_plain_messages(make
     )
 
 
+async def test_aadd_messages_to_a_history_in_memory_is_one_store_append_per_message(
+    make_store: StoreFactory,
+) -> None:
+    """The request path the benchmark measures: once the session exists, an add is its
+    appends and nothing else; a cleared history is created again on first use."""
+    store = await make_store()
+    history = WriteBehindChatMessageHistory("chat-1", store, user_id=1)
+    await history.aadd_messages([HumanMessage("first")])
+    calls: list[str] = []
+    for name in ("ensure_session", "get_session", "get_messages", "append_message"):
+        real = getattr(store, name)
+
+        async def counting(*args: Any, _name: str = name, _real: Any = real, **kwargs: Any) -> Any:
+            calls.append(_name)
+            return await _real(*args, **kwargs)
+
+        setattr(store, name, counting)
+    await history.aadd_messages(every_kind()[:3])
+    assert calls == ["append_message"] * 3
+    await history.aclear()
+    calls.clear()
+    await history.aadd_messages([HumanMessage("again ✓")])
+    assert "ensure_session" in calls
+    assert await history.aget_messages() == [HumanMessage("again ✓")]
+
+
+async def test_concurrent_adds_to_a_cold_history_never_interleave_and_a_cancelled_one_adds_nothing(
+    make_store: StoreFactory,
+) -> None:
+    first = await make_store()
+    await WriteBehindChatMessageHistory("chat-1", first, user_id=1).aadd_messages([HumanMessage("0")])
+    await first.aclose()
+    store = await make_store()  # cold: the first append of each task waits for the load
+    batches = [[HumanMessage(f"{k}.{i} 世界") for i in range(10)] for k in range(1, 5)]
+    cancelled = asyncio.create_task(
+        WriteBehindChatMessageHistory("chat-1", store, user_id=1).aadd_messages([AIMessage("never")] * 5)
+    )
+    adds = [
+        asyncio.create_task(WriteBehindChatMessageHistory("chat-1", store, user_id=1).aadd_messages(b))
+        for b in batches
+    ]
+    await asyncio.sleep(0)  # they have all started: the load is in flight
+    cancelled.cancel()
+    await asyncio.gather(*adds)
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    stored = await WriteBehindChatMessageHistory("chat-1", store, user_id=1).aget_messages()
+    assert stored[0] == HumanMessage("0")
+    runs = [stored[i : i + 10] for i in range(1, len(stored), 10)]
+    assert sorted(json.dumps(messages_to_dict(r)) for r in runs) == sorted(
+        json.dumps(messages_to_dict(b)) for b in batches
+    )
+
+
 # -- the sync forms -------------------------------------------------------------------------------
 
 
@@ -264,6 +318,18 @@ async def test_another_user_cannot_read_or_change_the_history(make_store: StoreF
             await theirs.aadd_messages([HumanMessage("intrusion")])
         assert await asyncio.to_thread(lambda h=theirs: h.messages) == []  # type: ignore[misc]
     assert await mine.aget_messages() == [HumanMessage("private")]
+
+
+async def test_histories_it_creates_are_marked_for_listings_and_an_apps_own_keeps_its_status(
+    make_store: StoreFactory,
+) -> None:
+    """A chat app's sidebar lists a user's sessions: it can tell the chains' ones apart."""
+    store = await make_store()
+    await WriteBehindChatMessageHistory("chain-1", store, user_id=1).aadd_messages([HumanMessage("hi")])
+    await store.ensure_session("chat-1", user_id=1, title="my chat", status="active")
+    await WriteBehindChatMessageHistory("chat-1", store, user_id=1).aadd_messages([HumanMessage("hi")])
+    assert {s.id: s.status for s in await store.list_sessions(1)} == {"chain-1": STATUS, "chat-1": "active"}
+    assert STATUS == "langchain"
 
 
 async def test_anonymous_histories_stay_in_memory(make_store: StoreFactory, db_path: Path) -> None:

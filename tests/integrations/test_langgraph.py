@@ -482,6 +482,18 @@ async def test_bad_input_is_a_validation_error_naming_the_field(db_path: Path) -
         assert await store.list_sessions(1) == []  # nothing was written by any of them
 
 
+async def test_a_bad_user_id_is_refused_when_the_saver_is_made_not_at_its_first_use(db_path: Path) -> None:
+    async with opened(db_path) as store:
+        for bad in (1.5, True, "", "tab\there", 2**70):
+            with pytest.raises(ValidationError) as err:
+                WriteBehindSaver(store, user_id=bad)  # type: ignore[arg-type]
+            assert err.value.field == "user_id"
+            with pytest.raises(ValidationError) as err:
+                WriteBehindSaver(store, user_id=1).for_user(bad)  # type: ignore[arg-type]
+            assert err.value.field == "user_id"
+        assert WriteBehindSaver(store, user_id="ünï 世界").for_user(None) is not None
+
+
 async def test_sync_methods_work_from_another_thread_and_refuse_the_loop(db_path: Path) -> None:
     async with opened(db_path) as store:
         saver = WriteBehindSaver(store, user_id=1)

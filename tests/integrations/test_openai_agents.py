@@ -20,7 +20,7 @@ from agents.memory import Session, SessionSettings, SQLiteSession
 from openai.types.responses import ResponseFunctionToolCall, ResponseOutputMessage, ResponseOutputText
 
 from writebehind import BackPressureError, Config, NotFound, ValidationError, WriteBehindStore
-from writebehind.integrations.openai_agents import WriteBehindSession
+from writebehind.integrations.openai_agents import STATUS, WriteBehindSession
 
 from ..conftest import StoreFactory
 from ..reliability.helpers import on_disk
@@ -28,6 +28,10 @@ from ..reliability.helpers import on_disk
 NO_TRACING = RunConfig(tracing_disabled=True)  # no network: the trace exporter stays off
 
 TEXTS = ["hello 👋🏽", "你好\uff0c世界", "مرحبا بالعالم", "שלום", "e\u0301 a\u0308 \u0915\u094d\u0937", ""]
+
+
+class Text(str):
+    """A str subclass: JSON gives back a plain str, so it would not come back the same."""
 
 
 def item(n: int) -> dict[str, Any]:
@@ -187,6 +191,33 @@ async def test_messages_the_app_appended_itself_come_back_as_easy_input_messages
     assert await session.pop_item() == {"role": "assistant", "content": "from the app ✓"}
 
 
+async def test_add_items_to_a_session_in_memory_is_one_store_append_per_item(
+    make_store: StoreFactory,
+) -> None:
+    """The request path the benchmark measures: once the session exists, an add is its
+    appends and nothing else (no ensure_session, no read). A new or cleared session is
+    still created on first use."""
+    store = await make_store()
+    session = WriteBehindSession("c1", store, user_id=1)
+    await session.add_items(items(0, 1))  # creates it
+    calls: list[str] = []
+    for name in ("ensure_session", "get_session", "get_messages", "append_message"):
+        real = getattr(store, name)
+
+        async def counting(*args: Any, _name: str = name, _real: Any = real, **kwargs: Any) -> Any:
+            calls.append(_name)
+            return await _real(*args, **kwargs)
+
+        setattr(store, name, counting)
+    await session.add_items(items(1, 3))
+    assert calls == ["append_message"] * 3
+    await session.clear_session()
+    calls.clear()
+    await session.add_items(items(10, 2))  # gone: created again on the way
+    assert "ensure_session" in calls
+    assert await session.get_items() == items(10, 2)
+
+
 # -- what gets refused, and atomicity ------------------------------------------------------------
 
 
@@ -199,6 +230,10 @@ async def test_messages_the_app_appended_itself_come_back_as_easy_input_messages
         ({"role": "user", "content": "lone \ud800 surrogate"}, "JSON"),
         ({"role": "user", "content": "x", "n": 2**70}, "JSON"),
         (["not", "a", "dict"], "dict"),
+        ({"role": "user", "content": "x", "n": float("inf")}, "round trip"),
+        ({"role": "user", "content": Text("a str subclass")}, "round trip"),
+        ({"role": "user", "content": [{"nested": ("t",)}]}, "round trip"),
+        ({"role": "user", "content": "x", "when": object()}, "JSON"),
     ],
 )
 async def test_an_item_that_would_not_come_back_equal_is_refused_and_nothing_is_added(
@@ -211,6 +246,30 @@ async def test_an_item_that_would_not_come_back_equal_is_refused_and_nothing_is_
         await session.add_items([*items(1, 2), bad])
     assert raised.value.field == "items[2]" and why in str(raised.value)
     assert await session.get_items() == items(0, 1)
+
+
+async def test_json_values_of_every_kind_are_kept_with_their_types(make_store: StoreFactory) -> None:
+    store = await make_store()
+    session = WriteBehindSession("c1", store, user_id=1)
+    odd = {
+        "role": "user",
+        "content": [],
+        "t": True,
+        "f": False,
+        "none": None,
+        "one": 1,
+        "one_f": 1.0,
+        "neg_zero": -0.0,
+        "max": 2**63 - 1,
+        "min": -(2**63),
+        "tiny": 5e-324,
+        "deep": {"a": [[], {}, [{"b": [1, 2.5, "三"]}]]},
+        "": "empty key",
+    }
+    await session.add_items([odd])  # type: ignore[list-item]
+    [back] = await session.get_items()
+    assert back == odd
+    assert [type(v) for v in back.values()] == [type(v) for v in odd.values()]  # type: ignore[union-attr]
 
 
 async def test_large_items_work_up_to_the_message_limit_and_are_refused_past_it(
@@ -349,6 +408,18 @@ async def test_another_user_cannot_read_or_change_the_session(make_store: StoreF
         with pytest.raises(NotFound):
             await theirs.add_items(items(50, 1))
     assert await mine.get_items() == items(0, 3)
+
+
+async def test_sessions_it_creates_are_marked_for_listings_and_an_apps_own_keeps_its_status(
+    make_store: StoreFactory,
+) -> None:
+    """A chat app's sidebar lists a user's sessions: it can tell the agents' ones apart."""
+    store = await make_store()
+    await WriteBehindSession("agent-1", store, user_id=1).add_items(items(0, 2))
+    await store.ensure_session("chat-1", user_id=1, title="my chat", status="active")
+    await WriteBehindSession("chat-1", store, user_id=1).add_items(items(2, 1))
+    assert {s.id: s.status for s in await store.list_sessions(1)} == {"agent-1": STATUS, "chat-1": "active"}
+    assert STATUS == "openai-agents"
 
 
 async def test_anonymous_sessions_stay_in_memory(make_store: StoreFactory, db_path: Path) -> None:

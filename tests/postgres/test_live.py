@@ -80,6 +80,10 @@ async def test_a_store_follows_a_reply_another_writes_token_by_token(schema: str
                     await a.update_message("s1", reply.id, user_id=USER, append=token)
                     got = await _wait(follower, view, lambda ms, t=text: ms[-1].content == t)
                     assert got[-1].content == text  # each token, as it is written
+                stats_a, stats_b = a.stats(), b.stats()
+                assert (stats_a.followers, stats_b.followed_sessions) == (1, 1)
+                assert stats_a.live_messages_sent >= len(TOKENS) // 2  # several tokens may share one
+                assert stats_b.reads_elsewhere >= 1 and stats_a.instance_id != stats_b.instance_id
                 await a.update_message("s1", reply.id, user_id=USER, metadata={"done": True})
                 done = await _wait(follower, view, lambda ms: (ms[-1].metadata or {}).get("done") is True)
                 assert done == tuple((await a.get_session("s1", user_id=USER)).messages)

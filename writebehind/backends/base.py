@@ -12,15 +12,16 @@ data of one session was refused (so the worker can isolate it).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
 from ..errors import StorageError
 from ..model import SessionRecord, SessionSummary, StoredMessage, UserId
+from ..search import SearchRow
 
-__all__ = ["Backend", "BatchResult", "RecordError", "SessionDelta", "check_versions"]
+__all__ = ["Backend", "BatchResult", "RecordError", "SearchableBackend", "SessionDelta", "check_versions"]
 
 
 class RecordError(StorageError):
@@ -100,6 +101,26 @@ class Backend(Protocol):
 
     def iter_user_sessions(self, user_id: UserId) -> AsyncIterator[SessionRecord]:
         """Every session of the user, whole, a few at a time (for export)."""
+
+
+class SearchableBackend(Backend, Protocol):
+    """A backend that can search its users' messages (SQLite, PostgreSQL). Optional: the
+    store's `search` raises StorageError on a backend whose class has no `search`."""
+
+    async def search(
+        self,
+        user_id: UserId,
+        words: Sequence[str],
+        *,
+        limit: int,
+        offset: int = 0,
+        order: str = "relevance",
+        exclude: Collection[str] = (),
+    ) -> list[SearchRow]:
+        """The user's messages holding every word as a case-insensitive substring, best or
+        newest first, leaving out the sessions in `exclude`. The user filter is part of the
+        query itself; `words` are text, never the database's query syntax."""
+        ...
 
 
 def check_versions(

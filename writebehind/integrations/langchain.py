@@ -14,7 +14,9 @@
 What a caller may rely on:
 
 - One history is one writebehind session (same id) owned by `user_id`; each message is
-  one writebehind message. `user_id=None` is an anonymous session: memory only. Another
+  one writebehind message. A session it creates has status `"langchain"` (`STATUS`), so a
+  listing can tell it apart; an existing one keeps its own. `user_id=None` is an
+  anonymous session: memory only. Another
   user's session reads as empty, and writing to it raises `NotFound`.
 - A message is stored as the JSON of `messages_to_dict` in the writebehind message's
   `content` (an export shows it whole), with metadata `{"format": "langchain"}` and the
@@ -42,6 +44,7 @@ follows its 1.x contract.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, TypeVar, cast
 
@@ -61,9 +64,13 @@ from ..errors import ClosedError, NotFound, ValidationError, WriteBehindError
 from ..model import ROLES, StoredMessage, UserId, check_id, check_user_id, content_size
 from ..writebehind import WriteBehindStore
 
-__all__ = ["SyncCallInEventLoopError", "WriteBehindChatMessageHistory"]
+__all__ = ["STATUS", "SyncCallInEventLoopError", "WriteBehindChatMessageHistory"]
 
 T = TypeVar("T")
+
+STATUS: Final = "langchain"
+"""The status of the sessions this adapter creates, so that listings (a chat app's sidebar)
+can tell them apart; a session the app made itself keeps its own."""
 
 _METADATA: Final = {"format": "langchain"}
 _ROLE_OF_TYPE: Final = {
@@ -136,13 +143,26 @@ class WriteBehindChatMessageHistory(BaseChatMessageHistory):
         limit = store.hot.max_message_bytes
         encoded = [_encode(i, message, limit) for i, message in enumerate(messages)]
         sid, uid, token = self.session_id, self._user_id, self._binding_token
-        await store.ensure_session(sid, user_id=uid, binding_token=token)
-        appended = 0
+        role, content = encoded[0]
         try:
-            # The session is in memory now: these appends apply without suspending, so no
-            # other task sees a part of the batch. Should one fail anyway, the ones before
-            # it are taken back.
-            for role, content in encoded:
+            # No ensure_session on the way: on a session in memory it would cost as much as
+            # the append itself (a snapshot of the session), on every call (measured by
+            # benchmarks/test_integrations.py). Only a session that does not exist yet is
+            # created, and then its first append is made again.
+            await store.append_message(
+                sid, user_id=uid, role=role, content=content, metadata=_METADATA, binding_token=token
+            )
+        except NotFound:
+            await store.ensure_session(sid, user_id=uid, binding_token=token, status=STATUS)
+            await store.append_message(
+                sid, user_id=uid, role=role, content=content, metadata=_METADATA, binding_token=token
+            )
+        appended = 1
+        try:
+            # The first append made the session hot (a load, if it had to wait, came before
+            # it was applied): the rest apply without suspending, so no other task sees a
+            # part of the batch. Should one fail anyway, the ones before it are taken back.
+            for role, content in encoded[1:]:
                 await store.append_message(
                     sid, user_id=uid, role=role, content=content, metadata=_METADATA, binding_token=token
                 )
@@ -211,7 +231,9 @@ def _encode(index: int, message: object, limit: int) -> tuple[str, str]:
         text = orjson.dumps(as_dict).decode()
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise ValidationError(field, f"cannot be encoded as JSON ({exc})") from None
-    if not _same_json(orjson.loads(text), as_dict):
+    # What orjson accepted comes back equal unless it holds a tuple, a subclass or a
+    # NaN/infinity: one walk finds those without decoding the text again.
+    if not _plain_json(as_dict):
         raise ValidationError(field, "does not survive a JSON round trip unchanged (a tuple, NaN, ...)")
     content_size(text, limit, field)
     role = _ROLE_OF_TYPE.get(message.type)
@@ -235,15 +257,19 @@ def _decode(stored: Sequence[StoredMessage]) -> list[BaseMessage]:
     return result
 
 
-def _same_json(decoded: object, original: object) -> bool:
-    """Equal, and of the same types all the way down (1.0 is not 1, a tuple not a list)."""
-    if type(decoded) is not type(original):
-        return False
-    if isinstance(decoded, dict):
-        other = cast(dict[str, Any], original)
-        return decoded.keys() == other.keys() and all(_same_json(decoded[k], other[k]) for k in decoded)
-    if isinstance(decoded, list):
-        items = cast(Sequence[Any], original)
-        pairs = zip(decoded, items, strict=True)
-        return len(decoded) == len(items) and all(_same_json(a, b) for a, b in pairs)
-    return decoded == original
+_SCALARS: Final = frozenset({str, int, bool, type(None)})
+
+
+def _plain_json(value: object) -> bool:
+    """Whether `value`, which orjson encoded, decodes back deep-equal and of the same types
+    all the way down: only exact dicts, lists, str, int, bool, None and finite floats."""
+    kind = type(value)
+    if kind in _SCALARS:
+        return True
+    if kind is float:
+        return math.isfinite(cast(float, value))
+    if kind is dict:
+        return all(_plain_json(v) for v in cast(dict[str, Any], value).values())
+    if kind is list:
+        return all(_plain_json(v) for v in cast(list[Any], value))
+    return False

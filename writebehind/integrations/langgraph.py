@@ -97,7 +97,7 @@ from langgraph.checkpoint.base import (
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from ..errors import NotFound, ValidationError
-from ..model import StoredMessage, UserId
+from ..model import StoredMessage, UserId, check_user_id
 from ..writebehind import WriteBehindStore
 
 try:  # where Pregel puts a run's durability mode into the config it hands the saver
@@ -307,7 +307,7 @@ class WriteBehindSaver(BaseCheckpointSaver[str]):
     ) -> None:
         super().__init__(serde=serde)
         self._store = store
-        self._user_id = user_id
+        self._user_id = check_user_id(user_id)  # refused here, not at the first checkpoint
         self._user_key = user_key
         self._durable = durable
         # Anonymous threads: sealed to this saver (and its copies) by a token nobody else has;
@@ -318,9 +318,10 @@ class WriteBehindSaver(BaseCheckpointSaver[str]):
 
     def for_user(self, user_id: UserId | None) -> WriteBehindSaver:
         """This saver, acting for `user_id` where no config names a user."""
+        checked = check_user_id(user_id)
         clone = WriteBehindSaver.__new__(WriteBehindSaver)
         clone.__dict__.update(self.__dict__)
-        clone._user_id = user_id
+        clone._user_id = checked
         return clone
 
     # -- who and where -------------------------------------------------------------------------

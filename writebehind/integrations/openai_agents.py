@@ -11,7 +11,9 @@
 What a caller may rely on:
 
 - One agents session is one writebehind session (same id) owned by `user_id`; each item is
-  one message. `user_id=None` is an anonymous session: memory only, never on disk.
+  one message. A session it creates has status `"openai-agents"` (`STATUS`), so a listing
+  can tell it apart; an existing one keeps its own. `user_id=None` is an anonymous
+  session: memory only, never on disk.
   Another user's session reads as empty, and writing to it raises `NotFound`.
 - An item is stored as its JSON text in the message's `content` (so an export shows it
   whole), with metadata `{"format": "openai-agents"}` and a role taken from the item
@@ -42,7 +44,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Sequence
+import math
+from collections.abc import Awaitable
 from typing import Any, Final, TypeVar, cast
 
 import orjson
@@ -57,9 +60,13 @@ from ..errors import NotFound, ValidationError
 from ..model import StoredMessage, UserId, check_id, check_user_id, content_size
 from ..writebehind import WriteBehindStore
 
-__all__ = ["WriteBehindSession"]
+__all__ = ["STATUS", "WriteBehindSession"]
 
 T = TypeVar("T")
+
+STATUS: Final = "openai-agents"
+"""The status of the sessions this adapter creates, so that listings (a chat app's sidebar)
+can tell them apart; a session the app made itself keeps its own."""
 
 _FORMAT: Final = "openai-agents"
 _METADATA: Final = {"format": _FORMAT}
@@ -127,13 +134,26 @@ class WriteBehindSession:
         limit = store.hot.max_message_bytes
         encoded = [_encode(i, item, limit) for i, item in enumerate(items)]
         sid, uid, token = self.session_id, self._user_id, self._binding_token
-        await store.ensure_session(sid, user_id=uid, binding_token=token)
-        appended = 0
+        role, content = encoded[0]
         try:
-            # The session is in memory now: these appends apply without suspending, so no
-            # other task sees a part of the batch. Should one fail anyway, the ones before
-            # it are taken back.
-            for role, content in encoded:
+            # No ensure_session on the way: on a session in memory it would cost as much as
+            # the append itself (a snapshot of the session), on every call (measured by
+            # benchmarks/test_integrations.py). Only a session that does not exist yet is
+            # created, and then its first append is made again.
+            message = await store.append_message(
+                sid, user_id=uid, role=role, content=content, metadata=_METADATA, binding_token=token
+            )
+        except NotFound:
+            await store.ensure_session(sid, user_id=uid, binding_token=token, status=STATUS)
+            message = await store.append_message(
+                sid, user_id=uid, role=role, content=content, metadata=_METADATA, binding_token=token
+            )
+        appended = 1
+        try:
+            # The first append made the session hot (a load, if it had to wait, came before
+            # it was applied): the rest apply without suspending, so no other task sees a
+            # part of the batch. Should one fail anyway, the ones before it are taken back.
+            for role, content in encoded[1:]:
                 message = await store.append_message(
                     sid, user_id=uid, role=role, content=content, metadata=_METADATA, binding_token=token
                 )
@@ -192,7 +212,11 @@ def _encode(index: int, item: object, limit: int) -> tuple[str, str]:
         text = orjson.dumps(item).decode()
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise ValidationError(field, f"cannot be encoded as JSON ({exc})") from None
-    if not _same_json(orjson.loads(text), item):
+    # orjson refused what JSON cannot hold (other types, non-str keys, ints past 64 bits,
+    # lone surrogates, nesting past 254); what it accepted comes back equal unless it holds
+    # a tuple, a subclass or a NaN/infinity: one walk of the item finds those, without
+    # decoding the text again (half the cost of an add, measured).
+    if not _plain_json(item):
         raise ValidationError(field, "does not survive a JSON round trip unchanged (a tuple, NaN, ...)")
     content_size(text, limit, field)
     return _role(item), text
@@ -215,19 +239,22 @@ def _decode(message: StoredMessage) -> TResponseInputItem:
     return cast(TResponseInputItem, {"role": message.role, "content": message.content})
 
 
-def _same_json(decoded: object, original: object) -> bool:
-    """Equal, and of the same types all the way down (1.0 is not 1, a tuple not a list)."""
-    if type(decoded) is not type(original):
-        return False
-    if isinstance(decoded, dict):
-        other = cast(dict[str, Any], original)
-        return decoded.keys() == other.keys() and all(_same_json(decoded[k], other[k]) for k in decoded)
-    if isinstance(decoded, list):
-        items = cast(Sequence[Any], original)
-        return len(decoded) == len(items) and all(
-            _same_json(a, b) for a, b in zip(decoded, items, strict=True)
-        )
-    return decoded == original
+_SCALARS: Final = frozenset({str, int, bool, type(None)})
+
+
+def _plain_json(value: object) -> bool:
+    """Whether `value`, which orjson encoded, decodes back deep-equal and of the same types
+    all the way down: only exact dicts, lists, str, int, bool, None and finite floats."""
+    kind = type(value)
+    if kind in _SCALARS:
+        return True
+    if kind is float:
+        return math.isfinite(cast(float, value))
+    if kind is dict:
+        return all(_plain_json(v) for v in cast(dict[str, Any], value).values())
+    if kind is list:
+        return all(_plain_json(v) for v in cast(list[Any], value))
+    return False
 
 
 async def _finish(awaitable: Awaitable[T]) -> T:

@@ -16,6 +16,9 @@ from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 from sse_starlette import EventSourceResponse
 
 from .. import NotFound, SessionRecord, SessionStore, SessionSummary, WriteBehindStore
+from ..integrations import FRAMEWORK_STATUSES
+from ..policy import preferences_id
+from ..search import MAX_LIMIT, MAX_OFFSET, MAX_QUERY_CHARS, search_memory
 from .auth import Caller, caller, remember
 from .errors import ApiError
 from .replies import Replies
@@ -28,6 +31,12 @@ from .schemas import (
     MessagePage,
     NewMessage,
     NewSession,
+    Preferences,
+    PreferencesPatch,
+    SearchHitOut,
+    SearchOrder,
+    SearchResults,
+    SearchSegment,
     SessionList,
     SessionOut,
     SessionPatch,
@@ -100,9 +109,16 @@ def _check_id(session_id: str) -> str:
     return session_id
 
 
-def _with_messages(record: SessionRecord, replies: Replies) -> SessionOut:
+def _out(
+    store: Store, who: Caller, s: SessionRecord | SessionSummary, messages: list[MessageOut] | None = None
+) -> SessionOut:
+    """A session of the caller's, as the API says it (`temporary` from the store's memory)."""
+    return SessionOut.of(s, messages, temporary=store.is_temporary(s.id, **who.who))
+
+
+def _with_messages(store: Store, who: Caller, record: SessionRecord, replies: Replies) -> SessionOut:
     messages = [MessageOut.of(m, replies.progress(record.id, m)) for m in record.messages]
-    return SessionOut.of(record, messages)
+    return _out(store, who, record, messages)
 
 
 @router.get("/healthz")
@@ -144,9 +160,13 @@ async def index() -> FileResponse:
     "/api/sessions", status_code=201, dependencies=[Depends(_require_json)], responses=_answers(*_BODY)
 )
 async def create_session(body: NewSession, request: Request, who: Who, response: Response) -> SessionOut:
-    record = await _store(request).ensure_session(
+    """A new session: kept (signed in), temporary (`temporary: true`, or the user's default),
+    or anonymous (memory only, kept once claimed unless it is temporary)."""
+    store = _store(request)
+    record = await store.ensure_session(
         user_id=who.user_id,
         title=body.title,
+        persist=None if body.temporary is None else not body.temporary,
         binding_token=who.binding if who.user_id is None else None,
         client_ip=request.client.host if request.client else None,
         user_agent=request.headers.get("user-agent", "")[:512] or None,
@@ -158,7 +178,7 @@ async def create_session(body: NewSession, request: Request, who: Who, response:
         ids.append(record.id)
         del ids[:-100]
     remember(response, who, request)
-    return SessionOut.of(record)
+    return _out(store, who, record)
 
 
 def _folded(text: str) -> str:
@@ -173,10 +193,10 @@ def _matcher(
     """Which sessions a listing keeps (None: all of them). `q` matches titles: every word
     of it must appear in the title, in any order and case."""
     terms = _folded(q).split() if q else []
-    if not terms and archived == "include":
-        return None
 
     def keep(s: SessionRecord | SessionSummary) -> bool:
+        if s.status in FRAMEWORK_STATUSES:
+            return False  # an agent framework's thread or state (writebehind.integrations)
         if archived != "include" and (s.status == ARCHIVED) != (archived == "only"):
             return False
         title = _folded(s.title or "")
@@ -224,16 +244,66 @@ async def list_sessions(
                 records.append(await store.get_session(sid, user_id=None, binding_token=who.binding))
         page = [r for r in records if keep is None or keep(r)][offset : offset + limit]
     return SessionList(
-        sessions=[SessionOut.of(s) for s in page], limit=limit, offset=offset, q=q, archived=archived
+        sessions=[_out(store, who, s) for s in page], limit=limit, offset=offset, q=q, archived=archived
+    )
+
+
+@router.get("/api/search", responses=_answers(401, 422, 503))
+async def search(
+    request: Request,
+    who: Who,
+    q: Annotated[
+        str,
+        Query(
+            min_length=1,
+            max_length=MAX_QUERY_CHARS,
+            description="words, each to be found (as a substring, in any case) in a message; "
+            "plain text: quotes, `*`, `-`, `:` and parentheses are searched for, never syntax",
+        ),
+    ],
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 20,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+    order: Annotated[SearchOrder, Query(description="`relevance` (best first) or `newest`")] = "relevance",
+) -> SearchResults:
+    """My messages that hold every word of `q`, with a snippet of each, a page at a time."""
+    if who.user_id is None:
+        raise ApiError(
+            401,
+            "unauthorized",
+            "sign in to search: anonymous sessions have no history",
+            {"WWW-Authenticate": "Bearer"},
+        )
+    store = _store(request)
+    if isinstance(store, WriteBehindStore):
+        page = await store.search(who.user_id, q, limit=limit, offset=offset, order=order)
+    else:  # persistence off: the caller's sessions in memory are all there is
+        uid, skip = who.user_id, preferences_id(who.user_id)
+        mine = [(e.id, e.title, list(e.messages)) for e in store.tier.sessions_of(uid) if e.id != skip]
+        page = search_memory(mine, q, limit=limit, offset=offset, order=order)
+    hits = [
+        SearchHitOut(
+            session_id=h.session_id,
+            title=h.title,
+            message_id=h.message_id,
+            seq=h.seq,
+            role=h.role,
+            created_at=h.created_at.isoformat(),
+            snippet=[SearchSegment(text=text, match=hit) for text, hit in h.snippet],
+        )
+        for h in page.hits
+    ]
+    return SearchResults(
+        hits=hits, q=q, order=order, limit=limit, offset=offset, next_offset=page.next_offset
     )
 
 
 @router.get("/api/sessions/{session_id}", responses=_answers(401, 404, 503))
 async def get_session(session_id: SessionId, request: Request, who: Who) -> SessionOut:
     replies = _replies(request)
-    record = await _store(request).get_session(_check_id(session_id), **who.who)
+    store = _store(request)
+    record = await store.get_session(_check_id(session_id), **who.who)
     await replies.settle(record.id, record.messages, who)
-    return _with_messages(record, replies)
+    return _with_messages(store, who, record, replies)
 
 
 @router.patch(
@@ -241,8 +311,9 @@ async def get_session(session_id: SessionId, request: Request, who: Who) -> Sess
 )
 async def patch_session(session_id: SessionId, body: SessionPatch, request: Request, who: Who) -> SessionOut:
     changes: dict[str, Any] = body.model_dump(exclude_unset=True)
-    record = await _store(request).update_session(_check_id(session_id), **who.who, **changes)
-    return SessionOut.of(record)
+    store = _store(request)
+    record = await store.update_session(_check_id(session_id), **who.who, **changes)
+    return _out(store, who, record)
 
 
 @router.delete("/api/sessions/{session_id}", status_code=204, responses=_answers(401, 404, 503))
@@ -257,10 +328,9 @@ async def delete_session(session_id: SessionId, request: Request, who: Who) -> R
 async def claim(session_id: SessionId, request: Request, who: Who) -> SessionOut:
     if who.user_id is None:
         raise ApiError(401, "unauthorized", "sign in to claim a session", {"WWW-Authenticate": "Bearer"})
-    record = await _store(request).claim(
-        _check_id(session_id), user_id=who.user_id, binding_token=who.binding
-    )
-    return SessionOut.of(record)
+    store = _store(request)
+    record = await store.claim(_check_id(session_id), user_id=who.user_id, binding_token=who.binding)
+    return _out(store, who, record)  # a temporary chat stays temporary
 
 
 @router.post(
@@ -408,6 +478,30 @@ async def export(request: Request, who: Who) -> StreamingResponse:
         media_type="application/json",
         headers={"Content-Disposition": 'attachment; filename="my-chats.json"'},
     )
+
+
+@router.get("/api/me/preferences", responses=_answers(401, 503))
+async def get_preferences(request: Request, who: Who) -> Preferences:
+    """My settings. An anonymous visitor's history is never kept: `keep_history` false."""
+    if who.user_id is None:
+        return Preferences(keep_history=False)
+    prefs = await _store(request).user_preferences(who.user_id)
+    return Preferences(keep_history=prefs.keep_history)
+
+
+@router.patch("/api/me/preferences", dependencies=[Depends(_require_json)], responses=_answers(*_BODY))
+async def patch_preferences(body: PreferencesPatch, request: Request, who: Who) -> Preferences:
+    """`{"keep_history": false}`: my new chats are temporary by default (chats that exist
+    keep what they are); on disk when answered, erased with `DELETE /api/me`. An anonymous
+    visitor may say false (it is so already); true needs a signed-in user (401)."""
+    if who.user_id is None:
+        if body.keep_history:
+            raise ApiError(
+                401, "unauthorized", "sign in to keep your history", {"WWW-Authenticate": "Bearer"}
+            )
+        return Preferences(keep_history=False)
+    prefs = await _store(request).set_user_preferences(who.user_id, keep_history=body.keep_history)
+    return Preferences(keep_history=prefs.keep_history)
 
 
 @router.delete("/api/me", responses=_answers(401, 503))

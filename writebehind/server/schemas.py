@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from .. import SessionRecord, SessionSummary, StoredMessage
 from .replies import Progress, error_of
@@ -20,6 +20,8 @@ __all__ = [
     "MessagePage",
     "NewMessage",
     "NewSession",
+    "Preferences",
+    "PreferencesPatch",
     "SessionList",
     "SessionOut",
     "SessionPatch",
@@ -36,6 +38,7 @@ STATUS_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
 ACTIVE: Final = "active"
 ARCHIVED: Final = "archived"
 ArchivedFilter = Literal["exclude", "only", "include"]
+SearchOrder = Literal["relevance", "newest"]
 
 
 class _Strict(BaseModel):
@@ -44,6 +47,23 @@ class _Strict(BaseModel):
 
 class NewSession(_Strict):
     title: str | None = Field(default=None, max_length=500)
+    temporary: StrictBool | None = Field(
+        default=None,
+        description="true: a temporary chat, never written to disk, gone after an idle hour or a restart, "
+        "never kept by a claim; false: kept (for a signed-in user); absent or null: the user's default "
+        "(`/api/me/preferences`)",
+    )
+
+
+class Preferences(BaseModel):
+    keep_history: bool = Field(
+        description="false: my new chats are temporary unless created with `temporary: false` "
+        "(an anonymous visitor's history is never kept)"
+    )
+
+
+class PreferencesPatch(_Strict):
+    keep_history: StrictBool
 
 
 def _no_default(schema: dict[str, Any]) -> None:
@@ -116,10 +136,17 @@ class SessionOut(BaseModel):
     created_at: str
     updated_at: str
     message_count: int
+    temporary: bool = Field(description="a temporary chat: never written to disk, not kept")
     messages: list[MessageOut] | None = None
 
     @classmethod
-    def of(cls, s: SessionRecord | SessionSummary, messages: list[MessageOut] | None = None) -> SessionOut:
+    def of(
+        cls,
+        s: SessionRecord | SessionSummary,
+        messages: list[MessageOut] | None = None,
+        *,
+        temporary: bool = False,
+    ) -> SessionOut:
         return cls(
             id=s.id,
             title=s.title,
@@ -127,6 +154,7 @@ class SessionOut(BaseModel):
             created_at=s.created_at.isoformat(),
             updated_at=s.updated_at.isoformat(),
             message_count=s.message_count if isinstance(s, SessionSummary) else len(s.messages),
+            temporary=temporary,
             messages=messages,
         )
 
@@ -137,6 +165,33 @@ class SessionList(BaseModel):
     offset: int
     q: str | None = Field(default=None, description="the search this page answers (null: none)")
     archived: ArchivedFilter = Field(default="exclude", description="which sessions this page lists")
+
+
+class SearchSegment(BaseModel):
+    text: str
+    match: bool = Field(description="this text matched a word of the query (render it marked)")
+
+
+class SearchHitOut(BaseModel):
+    session_id: str
+    title: str | None
+    message_id: str
+    seq: int
+    role: str
+    created_at: str
+    snippet: list[SearchSegment] = Field(
+        description="about 160 characters of the message around its first match, in segments: "
+        "text, never markup (an ellipsis segment where it was cut)"
+    )
+
+
+class SearchResults(BaseModel):
+    hits: list[SearchHitOut]
+    q: str
+    order: SearchOrder
+    limit: int
+    offset: int
+    next_offset: int | None = Field(description="the offset of the next page; null on the last page")
 
 
 class Turn(BaseModel):

@@ -1,0 +1,183 @@
+"""What encryption at rest costs: the flush, and (nothing, it should be) the request path.
+
+Flush: two stores, one encrypting (`CHAT_SESSION_ENCRYPTION_KEY`) and one not, each on its
+own file, get the same round (`benchmarks/test_flush.py`: 100 sessions x 50 new ~500-byte
+messages) through the public API, untimed; then the plain store's flush runs (the
+baseline, timed in the setup) and the encrypting store's (timed). Both start from a
+checkpointed WAL. The encrypting side pays AES-GCM for every content, title and metadata,
+the base64 that keeps the columns text (a third more bytes for SQLite to write), and one
+keys-file lookup a batch. Target: >= 70% of the plain flush's throughput.
+
+The same on PostgreSQL (two schemas of one server), where a flush costs more per message
+and encryption's share is smaller.
+
+Since the full-text search migration, SQLite's FTS5 trigram triggers index every stored
+content, ciphertext included: ~700 distinct trigrams a message of base64, several times
+the cost of indexing text, and that dominates the encrypted flush until the triggers skip
+encrypted values (`wbe1:` prefix; `EncryptedBackend.search` does not use the index).
+
+Request path: `append_message` on the encrypting store next to the plain write-behind
+store, both with their worker live (1 s interval), so the encrypting flushes' share of the
+event loop shows. Target: unchanged (encryption happens only in the flush, in a thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import os
+import uuid
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from pytest_benchmark.fixture import BenchmarkFixture
+
+from writebehind import Config, SQLiteBackend, StorageError, WriteBehindStore
+from writebehind.encryption import EncryptedBackend, keys_schema_for
+
+from .paired import run_paired
+from .test_flush import MESSAGES, ROUNDS, Round, fill, new_round
+
+DSN = "postgresql://postgres@127.0.0.1:5432/test"
+OPS = 1000
+APPEND_ROUNDS = 60
+CONTENT = "x" * 500
+_ids = itertools.count()
+
+
+def _sqlite(store: WriteBehindStore) -> SQLiteBackend:
+    backend = store.backend
+    if isinstance(backend, EncryptedBackend):
+        backend = backend.inner
+    assert isinstance(backend, SQLiteBackend)
+    return backend
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def pair(
+    request: pytest.FixtureRequest, loop: asyncio.AbstractEventLoop, tmp_path: Path
+) -> Iterator[tuple[WriteBehindStore, WriteBehindStore]]:
+    """(plain, encrypting) write-behind stores, on files (or PostgreSQL schemas) of their own."""
+    key = base64.b64encode(os.urandom(32)).decode()
+    schemas = [f"wb_bench_{uuid.uuid4().hex[:12]}" for _ in range(2)]
+    stores = []
+    for (name, secret), schema in zip((("plain.db", None), ("encrypted.db", key)), schemas, strict=True):
+        config = Config(
+            db_path=tmp_path / name,
+            db_url=DSN if request.param == "postgres" else None,
+            db_schema=schema,
+            encryption_key=secret,
+            flush_interval_ms=3_600_000,
+            flush_batch=1000,
+            cache_size=1_000_000,
+            max_dirty=1_000_000,
+            max_flushes_per_second=10_000,
+        )
+        store = WriteBehindStore.from_config(config)
+        try:
+            loop.run_until_complete(store.start())
+        except StorageError as exc:
+            pytest.skip(f"PostgreSQL is not reachable at {DSN}: {exc}")
+        stores.append(store)
+    assert isinstance(stores[1].backend, EncryptedBackend)
+    yield stores[0], stores[1]
+    for store in stores:
+        loop.run_until_complete(store.aclose())
+    if request.param == "postgres":
+        loop.run_until_complete(_drop([*schemas, keys_schema_for(schemas[1])]))
+
+
+async def _drop(schemas: list[str]) -> None:
+    conn = await asyncpg.connect(DSN)
+    try:
+        for schema in schemas:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    finally:
+        await conn.close()
+
+
+# Two stores filled through the API each round: minutes on a busy shared VM.
+@pytest.mark.timeout(900)
+def test_flush_encrypted(
+    benchmark: BenchmarkFixture,
+    loop: asyncio.AbstractEventLoop,
+    pair: tuple[WriteBehindStore, WriteBehindStore],
+) -> None:
+    plain, encrypted = pair
+    engine = "PostgreSQL" if plain.config.db_url else "SQLite"
+    benchmark.group = f"flush {MESSAGES} messages, encrypted ({engine})"
+    current: list[Round] = []
+
+    def ready(store: WriteBehindStore) -> Callable[[], Coroutine[Any, Any, None]]:
+        loop.run_until_complete(fill(store, current[0]))
+        if store.config.db_url is None:
+            loop.run_until_complete(_sqlite(store).writer.execute_fetchall("PRAGMA wal_checkpoint(TRUNCATE)"))
+        return store.flush
+
+    def baseline() -> Callable[[], Coroutine[Any, Any, None]]:
+        current[:] = [new_round()]
+        return ready(plain)
+
+    run_paired(
+        benchmark,
+        loop=loop,
+        name="flush(), encrypted",
+        baseline_name="flush(), not encrypted",
+        baseline=baseline,
+        contender=lambda: ready(encrypted),
+        rounds=ROUNDS,
+        per_round=MESSAGES,
+        unit="message",
+        target="throughput >= 70% of the unencrypted flush",
+    )
+    for store in pair:
+        stats = store.stats()
+        assert stats.dirty_sessions == 0 and stats.messages_flushed == MESSAGES * (ROUNDS + 2)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.benchmark(group=f"append_message x{OPS}, encrypted store")
+def test_append_message_encrypted(
+    benchmark: BenchmarkFixture,
+    loop: asyncio.AbstractEventLoop,
+    tmp_path: Path,
+) -> None:
+    key = base64.b64encode(os.urandom(32)).decode()
+    stores = []
+    for name, secret in (("plain.db", None), ("encrypted.db", key)):
+        # The defaults' worker (1 s interval), as an app runs it.
+        config = Config(db_path=tmp_path / name, encryption_key=secret, cache_size=100_000, max_dirty=100_000)
+        store = WriteBehindStore.from_config(config)
+        loop.run_until_complete(store.start())
+        stores.append(store)
+    plain, encrypted = stores
+
+    def prepare(store: WriteBehindStore) -> Callable[[], Coroutine[Any, Any, None]]:
+        sid = loop.run_until_complete(store.ensure_session(f"s{next(_ids)}", user_id=1)).id
+
+        async def body() -> None:
+            for _ in range(OPS):
+                await store.append_message(sid, user_id=1, role="user", content=CONTENT)
+
+        return body
+
+    try:
+        run_paired(
+            benchmark,
+            loop=loop,
+            name="append_message, encrypting store",
+            baseline_name="append_message, plain write-behind store",
+            baseline=lambda: prepare(plain),
+            contender=lambda: prepare(encrypted),
+            rounds=APPEND_ROUNDS,
+            per_round=OPS,
+            unit="call",
+            target="unchanged (~1.00x)",
+        )
+    finally:
+        for store in stores:
+            loop.run_until_complete(store.aclose())

@@ -1,0 +1,626 @@
+"""Encryption at rest with a key per user (`writebehind.encryption`), on real SQLite files and
+the real PostgreSQL: round trips, no plaintext on disk or in a backup, erasure that reaches a
+backup restored afterwards, key rotation, a wrong key, tampering, and the hot path untouched."""
+
+from __future__ import annotations
+
+import base64
+import os
+import sqlite3
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from writebehind import Config, NotFound, WriteBehindStore
+from writebehind import encryption as enc
+from writebehind.backups import restore_backup
+from writebehind.encryption import EncryptedBackend, SQLiteKeyStore, keys_path_for, rotate_kek
+from writebehind.errors import ConfigError, DecryptionError, WrongKeyError
+
+from .pg import DSN, new_schema
+from .test_cli import SCRIPT
+
+MARKER = "QZX-PRIVATE-4471"
+TITLE = f"Rëçïpé 🍜 {MARKER} 中文 עברית e\u0301"
+CONTENTS = [
+    f"hello 👋🏽 {MARKER}",
+    "你好\uff0c世界 — こんにちは",
+    "مرحبا بالعالم שלום",
+    "combining: a\u0301 o\u0308 n\u0303 \U0001f468\u200d\U0001f469\u200d\U0001f467",
+    "",
+]
+META = {"source": f"ünïcode {MARKER}", "nested": {"list": [1, "二", None, True]}, "emoji": "🔐"}
+
+
+def new_key() -> str:
+    return base64.b64encode(os.urandom(32)).decode()
+
+
+def store_for(db: Path, key: str | None, **overrides: Any) -> WriteBehindStore:
+    config = Config(db_path=db, encryption_key=key, **{"flush_interval_ms": 3_600_000, **overrides})
+    return WriteBehindStore.from_config(config)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "chat.db"
+
+
+async def fill(store: WriteBehindStore, sid: str, user: int | str, *, marker: str = MARKER) -> None:
+    await store.ensure_session(sid, user_id=user, title=f"{TITLE} {marker}", client_ip="203.0.113.9",
+                               user_agent=f"Agent/1.0 {marker}")  # fmt: skip
+    for i, text in enumerate(CONTENTS):
+        await store.append_message(
+            sid, user_id=user, role="user" if i % 2 == 0 else "assistant", content=f"{text} {marker}",
+            metadata={**META, "i": i} if i % 2 == 0 else None,
+        )  # fmt: skip
+
+
+def raw_bytes(*paths: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in paths if p.exists())
+
+
+def sidecars(db: Path) -> list[Path]:
+    return [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]
+
+
+# -- round trips -----------------------------------------------------------------------------
+
+
+async def test_content_titles_and_metadata_round_trip_with_non_ascii_text(db: Path) -> None:
+    key = new_key()
+    async with store_for(db, key) as store:
+        await fill(store, "s1", 1)
+        # An edit after a flush (an upsert of a stored row), a streamed reply, a pop, a
+        # session with no title and one long enough to decrypt in a thread.
+        await store.flush()
+        first = (await store.get_messages("s1", user_id=1))[0]
+        await store.update_message("s1", first.id, user_id=1, content="édité ✏️", metadata={"v": "二"})
+        reply = await store.append_message("s1", user_id=1, role="assistant", content="")
+        for token in ["Stré", "amed ", "🌊", " توكن"]:
+            await store.update_message("s1", reply.id, user_id=1, append=token)
+        await store.append_message("s1", user_id=1, role="user", content="popped")
+        await store.pop_message("s1", user_id=1)
+        await store.ensure_session("untitled", user_id="alice")
+        await store.ensure_session("long", user_id="alice", title="long")
+        for i in range(150):
+            await store.append_message("long", user_id="alice", role="user", content=f"message {i} ∑ {i}")
+        expected = {
+            sid: await store.get_session(sid, user_id=user)
+            for sid, user in (("s1", 1), ("untitled", "alice"), ("long", "alice"))
+        }
+    assert isinstance(store.backend, EncryptedBackend)
+
+    async with store_for(db, key) as store:
+        for sid, user in (("s1", 1), ("untitled", "alice"), ("long", "alice")):
+            loaded = await store.get_session(sid, user_id=user)
+            want = expected[sid]
+            assert (loaded.title, loaded.client_ip, loaded.user_agent) == (
+                want.title, want.client_ip, want.user_agent,
+            )  # fmt: skip
+            assert [(m.id, m.seq, m.role, m.content, m.metadata, m.created_at, m.updated_at)
+                    for m in loaded.messages] == [
+                (m.id, m.seq, m.role, m.content, m.metadata, m.created_at, m.updated_at)
+                for m in want.messages
+            ]  # fmt: skip
+        s1 = await store.get_session("s1", user_id=1)
+        assert s1.messages[0].content == "édité ✏️" and s1.messages[0].metadata == {"v": "二"}
+        assert s1.messages[-1].content == "Stréamed 🌊 توكن"
+        assert [m.content for m in s1.messages[1:5]] == [f"{t} {MARKER}" for t in CONTENTS[1:]]
+        assert (await store.get_session("untitled", user_id="alice")).title is None
+
+    # From disk only (a new store, nothing in memory): listings and exports decrypt too.
+    async with store_for(db, key) as store:
+        listed = await store.list_sessions("alice")
+        assert {s.id: s.title for s in listed} == {"untitled": None, "long": "long"}
+        exported = orjson.loads(b"".join([c async for c in store.export_user_json(1)]))
+        assert exported["sessions"][0]["title"] == f"{TITLE} {MARKER}"
+        assert [m["content"] for m in exported["sessions"][0]["messages"]][1] == f"{CONTENTS[1]} {MARKER}"
+
+
+async def test_nothing_private_is_in_plaintext_in_the_file_its_wal_its_backup_or_the_keys_file(
+    db: Path, tmp_path: Path
+) -> None:
+    key = new_key()
+    store = store_for(db, key)
+    await store.start()
+    try:
+        await fill(store, "s1", 1)
+        await fill(store, "s2", "bob")
+        await store.flush()
+        # While the store is open the rows are in the WAL, not yet in the main file.
+        assert db.with_name(db.name + "-wal").stat().st_size > 0
+        on_disk = raw_bytes(*sidecars(db))
+        await store.backup(tmp_path / "backup.db")
+    finally:
+        await store.aclose()
+    keys = keys_path_for(db)
+    for blob in (on_disk, raw_bytes(*sidecars(db)), (tmp_path / "backup.db").read_bytes(), keys.read_bytes()):
+        for plain in (MARKER, "Agent/1.0", "203.0.113.9", "你好", "ünïcode", "🍜"):
+            assert plain.encode() not in blob
+            assert plain.encode("utf-16-le") not in blob
+    # The check can fail: the same writes without a key leave the marker in the file.
+    async with store_for(tmp_path / "plain.db", None) as plain_store:
+        await fill(plain_store, "s1", 1)
+    assert MARKER.encode() in raw_bytes(*sidecars(tmp_path / "plain.db"))
+    assert os.stat(keys).st_mode & 0o777 == 0o600
+    # The keys file is not in the backup, and the backup names no key.
+    assert b"wrapped" not in (tmp_path / "backup.db").read_bytes()
+
+
+# -- erasure reaches backups -----------------------------------------------------------------
+
+
+def ciphertexts_of(db: Path, user: object) -> list[str]:
+    conn = sqlite3.connect(db)
+    try:
+        rows = conn.execute(
+            "SELECT m.content FROM messages m JOIN sessions s ON s.id = m.session_id WHERE s.user_id = ?",
+            (user,),
+        ).fetchall()
+        titles = conn.execute("SELECT title FROM sessions WHERE user_id = ?", (user,)).fetchall()
+    finally:
+        conn.close()
+    return [r[0] for r in rows + titles]
+
+
+def every_key_in(keys: Path, kek: bytes) -> list[AESGCM]:
+    """What an attacker holding the keys file and the KEK can unwrap: every live data key."""
+    conn = sqlite3.connect(keys)
+    try:
+        rows = conn.execute("SELECT key_id, owner, wrapped FROM keys WHERE wrapped IS NOT NULL").fetchall()
+    finally:
+        conn.close()
+    wrapper = AESGCM(kek)
+    return [AESGCM(wrapper.decrypt(w[:12], w[12:], enc._wrap_aad(bytes(k), owner))) for k, owner, w in rows]
+
+
+async def test_a_backup_taken_before_an_erasure_and_restored_after_it_holds_nothing_readable_of_the_user(
+    db: Path, tmp_path: Path
+) -> None:
+    key = new_key()
+    backup = tmp_path / "before-erasure.db"
+    async with store_for(db, key) as store:
+        await fill(store, "erased-1", 1, marker="GONE")
+        await fill(store, "erased-2", 1, marker="GONE")
+        await fill(store, "kept", 2, marker="KEPT")
+        await store.backup(backup)
+        assert await store.delete_user(1) == 2
+
+    # The restore: the backup replaces the database (the app stopped); the keys file stays.
+    restore_backup(backup, db)
+    assert len(ciphertexts_of(db, 1)) == 2 * (len(CONTENTS) + 1)  # the rows are back...
+
+    async with store_for(db, key) as store:
+        # ...and nothing of them is readable through the store,
+        assert await store.list_sessions(1) == []
+        assert [r async for r in store.export_user(1)] == []
+        for sid in ("erased-1", "erased-2"):
+            with pytest.raises(NotFound):
+                await store.get_messages(sid, user_id=1)
+        # while the other user's data in the same backup is.
+        kept = await store.get_session("kept", user_id=2)
+        assert kept.title == f"{TITLE} KEPT"
+        assert [m.content for m in kept.messages] == [f"{t} KEPT" for t in CONTENTS]
+
+    # Nor with the KEK and the keys file in hand: no key left anywhere opens those rows.
+    kek = base64.b64decode(key)
+    keys = every_key_in(keys_path_for(db), kek)
+    assert keys, "the other user's key is there"
+    for value in ciphertexts_of(db, 1):
+        blob = base64.b64decode(value[len(enc.PREFIX) :])
+        for candidate in keys:
+            with pytest.raises(InvalidTag):
+                candidate.decrypt(blob[8:20], blob[20:], None)
+    conn = sqlite3.connect(keys_path_for(db))
+    try:
+        # The erased key's row is a tombstone: no owner, no key material.
+        tombstones = conn.execute("SELECT owner, wrapped FROM keys WHERE destroyed_at IS NOT NULL").fetchall()
+    finally:
+        conn.close()
+    assert tombstones == [(None, None)]
+    assert b"i:1" not in keys_path_for(db).read_bytes()
+
+
+async def test_erasure_destroys_the_key_before_deleting_the_rows(db: Path) -> None:
+    """If deleting the rows fails after the key is gone, what is left is unreadable, and a
+    retry deletes it."""
+    key = new_key()
+    async with store_for(db, key) as store:
+        await fill(store, "s1", 7)
+        await store.flush()
+        backend = store.backend
+        assert isinstance(backend, EncryptedBackend)
+        real_delete = backend.inner.delete_user
+        calls: list[str] = []
+
+        async def failing(user_id: Any) -> list[str]:
+            calls.append("rows")
+            raise OSError("disk gone")
+
+        backend.inner.delete_user = failing  # type: ignore[method-assign]
+        with pytest.raises(OSError):
+            await backend.delete_user(7)
+        assert calls == ["rows"]
+        # The key is destroyed already: the rows still there load as erased.
+        assert await backend.load_session("s1") is None
+        backend.inner.delete_user = real_delete  # type: ignore[method-assign]
+        assert await store.delete_user(7) == 1
+        assert await backend.inner.load_session("s1") is None
+
+
+# -- keys: wrong, rotated, tampered ------------------------------------------------------------
+
+
+async def test_a_wrong_key_fails_at_start_with_a_typed_error_and_leaves_the_file_usable(db: Path) -> None:
+    key, wrong = new_key(), new_key()
+    async with store_for(db, key) as store:
+        await fill(store, "s1", 1)
+    before = raw_bytes(db), raw_bytes(keys_path_for(db))
+    store = store_for(db, wrong)
+    with pytest.raises(WrongKeyError) as caught:
+        await store.start()
+    text = str(caught.value)
+    assert enc.kek_id(base64.b64decode(wrong)) in text and enc.kek_id(base64.b64decode(key)) in text
+    assert key not in text and wrong not in text and "CHAT_SESSION_ENCRYPTION_KEY" in text
+    assert (raw_bytes(db), raw_bytes(keys_path_for(db))) == before
+    # Nothing was left open or locked: the right key starts at once.
+    async with store_for(db, key) as store:
+        assert (await store.get_messages("s1", user_id=1))[0].content == f"{CONTENTS[0]} {MARKER}"
+
+
+def test_bad_keys_in_the_configuration_name_the_variable_and_never_the_key(tmp_path: Path) -> None:
+    for value in (
+        "not base64!",
+        base64.b64encode(b"short").decode(),
+        base64.b64encode(os.urandom(33)).decode(),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            Config.from_env({"CHAT_SESSION_ENCRYPTION_KEY": value})
+        assert str(caught.value).startswith("CHAT_SESSION_ENCRYPTION_KEY:") and value not in str(caught.value)
+    key = new_key()
+    assert key not in repr(Config(encryption_key=key))
+    with pytest.raises(ConfigError, match="both set"):
+        Config.from_env({"CHAT_SESSION_ENCRYPTION_KEY": key, "CHAT_SESSION_ENCRYPTION_KEY_FILE": "/k"})
+    with pytest.raises(ConfigError, match="CHAT_SESSION_ENCRYPTION_KEYS_PATH"):
+        Config.from_env({"CHAT_SESSION_ENCRYPTION_KEYS_PATH": str(tmp_path / "k")})
+    # A key file: base64 text (a trailing newline is fine) or the 32 bytes themselves.
+    raw = os.urandom(32)
+    text_file, raw_file, bad_file = tmp_path / "k.txt", tmp_path / "k.bin", tmp_path / "bad"
+    text_file.write_text(base64.b64encode(raw).decode() + "\n")
+    raw_file.write_bytes(raw)
+    bad_file.write_text("nope")
+    assert enc.load_kek(Config(encryption_key_file=text_file)) == raw
+    assert enc.load_kek(Config(encryption_key_file=raw_file)) == raw
+    with pytest.raises(ConfigError, match="CHAT_SESSION_ENCRYPTION_KEY_FILE"):
+        enc.load_kek(Config(encryption_key_file=bad_file))
+    with pytest.raises(ConfigError, match="CHAT_SESSION_ENCRYPTION_KEY_FILE: cannot read"):
+        enc.load_kek(Config(encryption_key_file=tmp_path / "missing"))
+
+
+async def test_rotating_the_key_rewraps_data_keys_only_and_the_old_key_stops_working(db: Path) -> None:
+    old, new = new_key(), new_key()
+    async with store_for(db, old) as store:
+        await fill(store, "s1", 1)
+        await fill(store, "s2", "zoë")
+    rows_before = sqlite3.connect(db).execute("SELECT * FROM messages ORDER BY session_id, seq").fetchall()
+    keys = keys_path_for(db)
+    assert await rotate_kek(SQLiteKeyStore(keys), base64.b64decode(old), base64.b64decode(new)) == 2
+    # Not a byte of the data was rewritten.
+    assert (
+        sqlite3.connect(db).execute("SELECT * FROM messages ORDER BY session_id, seq").fetchall()
+        == rows_before
+    )
+    async with store_for(db, new) as store:
+        assert (await store.get_session("s2", user_id="zoë")).title == f"{TITLE} {MARKER}"
+        await store.append_message("s1", user_id=1, role="user", content="after rotation")
+        await fill(store, "s3", 3)  # a new user's key, wrapped with the new key
+    with pytest.raises(WrongKeyError):
+        await store_for(db, old).start()
+    # A rotation from a key that is not the current one changes nothing.
+    with pytest.raises(WrongKeyError):
+        await rotate_kek(SQLiteKeyStore(keys), base64.b64decode(old), base64.b64decode(new_key()))
+    async with store_for(db, new) as store:
+        assert (await store.get_messages("s1", user_id=1))[-1].content == "after rotation"
+        assert (await store.get_session("s3", user_id=3)).title == f"{TITLE} {MARKER}"
+
+
+def tamper(db: Path, sql: str, *params: Any) -> None:
+    conn = sqlite3.connect(db)
+    try:
+        conn.execute(sql, params)
+        conn.commit()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["flip a byte", "swap two messages", "move from another session", "truncate", "not base64", "metadata"],
+)
+async def test_a_tampered_value_raises_a_typed_error_naming_the_session_and_nothing_else_breaks(
+    db: Path, how: str
+) -> None:
+    key = new_key()
+    async with store_for(db, key) as store:
+        await fill(store, "victim", 1)
+        await fill(store, "other", 1)
+    content = (
+        sqlite3.connect(db)
+        .execute("SELECT content FROM messages WHERE session_id = 'victim' AND seq = 1")
+        .fetchone()[0]
+    )
+    if how == "flip a byte":
+        blob = bytearray(base64.b64decode(content[5:]))
+        blob[-20] ^= 1
+        forged = enc.PREFIX + base64.b64encode(bytes(blob)).decode()
+        tamper(db, "UPDATE messages SET content = ? WHERE session_id = 'victim' AND seq = 1", forged)
+    elif how == "swap two messages":
+        tamper(db, "UPDATE messages SET content = (SELECT content FROM messages WHERE session_id = 'victim' "
+                   "AND seq = 2) WHERE session_id = 'victim' AND seq = 1")  # fmt: skip
+    elif how == "move from another session":
+        tamper(db, "UPDATE messages SET content = (SELECT content FROM messages WHERE session_id = 'other' "
+                   "AND seq = 1) WHERE session_id = 'victim' AND seq = 1")  # fmt: skip
+    elif how == "truncate":
+        tamper(db, "UPDATE messages SET content = ? WHERE session_id = 'victim' AND seq = 1", content[:30])
+    elif how == "not base64":
+        tamper(db, "UPDATE messages SET content = ? WHERE session_id = 'victim' AND seq = 1", content + "!!")
+    else:
+        tamper(db, "UPDATE messages SET metadata = (SELECT metadata FROM messages WHERE session_id = 'other' "
+                   "AND seq = 1) WHERE session_id = 'victim' AND seq = 1")  # fmt: skip
+    async with store_for(db, key, flush_interval_ms=50) as store:
+        with pytest.raises(DecryptionError) as caught:
+            await store.get_messages("victim", user_id=1)
+        assert caught.value.session_id == "victim" and "'victim'" in str(caught.value)
+        assert MARKER not in str(caught.value)
+        # The failed load left nothing behind: the other session loads, writes and flushes.
+        assert len(await store.get_messages("other", user_id=1)) == len(CONTENTS)
+        await store.append_message("other", user_id=1, role="user", content="still fine", durable=True)
+        stats = store.stats()
+        assert stats.consecutive_failures == 0 and stats.last_error is None
+        # And asking again fails again, the same way (not a cached half-load).
+        with pytest.raises(DecryptionError):
+            await store.get_session("victim", user_id=1)
+
+
+async def test_a_lost_keys_file_is_a_loud_error_not_missing_data(db: Path) -> None:
+    key = new_key()
+    async with store_for(db, key) as store:
+        await fill(store, "s1", 1)
+    keys_path_for(db).unlink()
+    async with store_for(db, key) as store:  # a new, empty keys file
+        with pytest.raises(DecryptionError, match="not in the keys file"):
+            await store.get_messages("s1", user_id=1)
+
+
+# -- the hot path, and data from before encryption ---------------------------------------------
+
+
+class SpyCipher:
+    """Stands in for `AESGCM`: counts every encryption and decryption."""
+
+    encrypted = 0
+    decrypted = 0
+
+    def __init__(self, key: bytes) -> None:
+        self._real = AESGCM(key)
+
+    @staticmethod
+    def generate_key(bit_length: int) -> bytes:
+        return AESGCM.generate_key(bit_length)
+
+    def encrypt(self, nonce: bytes, data: bytes, aad: bytes | None) -> bytes:
+        SpyCipher.encrypted += 1
+        return self._real.encrypt(nonce, data, aad)
+
+    def decrypt(self, nonce: bytes, data: bytes, aad: bytes | None) -> bytes:
+        SpyCipher.decrypted += 1
+        return self._real.decrypt(nonce, data, aad)
+
+
+async def test_requests_never_encrypt_only_the_flush_does(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(enc, "AESGCM", SpyCipher)
+    async with store_for(db, new_key()) as store:
+        await store.ensure_session("s1", user_id=1, title="t")
+        await store.flush()  # the user's key exists from here on
+        SpyCipher.encrypted = SpyCipher.decrypted = 0
+        for i in range(50):
+            await store.append_message("s1", user_id=1, role="user", content=f"m{i}", metadata={"i": i})
+        message = await store.append_message("s1", user_id=1, role="assistant", content="")
+        for token in "tokens":
+            await store.update_message("s1", message.id, user_id=1, append=token)
+        await store.get_messages("s1", user_id=1, after_seq=10)
+        assert (SpyCipher.encrypted, SpyCipher.decrypted) == (0, 0)
+        # A listing reads the disk (as without encryption): it decrypts what it read there.
+        await store.list_sessions(1)
+        assert (SpyCipher.encrypted, SpyCipher.decrypted) == (0, 1)
+        await store.flush()
+        # The session's title, and content plus metadata of each new message (the reply: none).
+        assert SpyCipher.encrypted == 1 + 2 * 50 + 1
+        assert SpyCipher.decrypted == 1
+
+
+async def test_rows_written_before_encryption_stay_readable_and_new_writes_are_encrypted(db: Path) -> None:
+    async with store_for(db, None) as store:
+        await fill(store, "legacy", 1, marker="OLD")
+    key = new_key()
+    async with store_for(db, key) as store:
+        legacy = await store.get_session("legacy", user_id=1)
+        assert legacy.title == f"{TITLE} OLD"
+        assert [m.content for m in legacy.messages] == [f"{t} OLD" for t in CONTENTS]
+        await store.append_message("legacy", user_id=1, role="user", content="NEW-SECRET")
+    rows = dict(sqlite3.connect(db).execute("SELECT seq, content FROM messages WHERE session_id = 'legacy'"))
+    assert rows[1] == f"{CONTENTS[0]} OLD" and rows[len(CONTENTS) + 1].startswith(enc.PREFIX)
+    assert b"NEW-SECRET" not in raw_bytes(*sidecars(db))
+    async with store_for(db, key) as store:
+        mixed = await store.get_session("legacy", user_id=1)
+        assert (
+            mixed.messages[0].content == f"{CONTENTS[0]} OLD" and mixed.messages[-1].content == "NEW-SECRET"
+        )
+        assert mixed.title == f"{TITLE} OLD"  # re-written encrypted with the session row
+
+
+# -- search ------------------------------------------------------------------------------------
+
+
+async def test_search_keeps_working_for_the_keys_owner_and_only_for_them(db: Path) -> None:
+    key = new_key()
+    async with store_for(db, key) as store:
+        await fill(store, "mine", 1)
+        await fill(store, "theirs", 2)
+        await store.append_message("mine", user_id=1, role="user", content="second 世界 hit, newer")
+    # A new store: nothing in memory, so every hit comes from decrypting the disk's rows.
+    async with store_for(db, key) as store:
+        page = await store.search(1, "世界")
+        assert [(h.session_id, h.seq) for h in page.hits] == [("mine", len(CONTENTS) + 1), ("mine", 2)]
+        assert page.hits[1].title == f"{TITLE} {MARKER}"
+        assert ("世界", True) in page.hits[0].snippet
+        newest = await store.search(1, "世界", order="newest", limit=1)
+        assert [h.seq for h in newest.hits] == [len(CONTENTS) + 1] and newest.next_offset == 1
+        assert [h.seq for h in (await store.search(1, "世界", order="newest", limit=1, offset=1)).hits] == [2]
+        assert (await store.search(1, MARKER.lower())).hits  # case-insensitive, on plaintext
+        assert (await store.search(1, "wbe1")).hits == ()  # never on the ciphertext
+        assert [h.session_id for h in (await store.search(2, "世界")).hits] == ["theirs"]
+        await store.delete_user(1)
+        assert (await store.search(1, "世界")).hits == ()
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def wb(db: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_SESSION_")}
+    return subprocess.run(
+        [str(SCRIPT), "--db", str(db), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**base, **(env or {})},
+    )
+
+
+async def test_the_command_line_decrypts_erases_keys_and_rotates(db: Path, tmp_path: Path) -> None:
+    key = new_key()
+    async with store_for(db, key) as store:
+        await fill(store, "s1", 1)
+        await fill(store, "s2", 2)
+    with_key = {"CHAT_SESSION_ENCRYPTION_KEY": key}
+
+    refused = wb(db, "export", "--user", "1")
+    assert refused.returncode == 1 and "is encrypted" in refused.stderr and MARKER not in refused.stdout
+    exported = wb(db, "export", "--user", "1", env=with_key)
+    assert exported.returncode == 0, exported.stderr
+    assert orjson.loads(exported.stdout)["sessions"][0]["title"] == f"{TITLE} {MARKER}"
+    listed = wb(db, "sessions", "--user", "2", env=with_key)
+    assert f"{TITLE} {MARKER}" in listed.stdout
+
+    backup = tmp_path / "b.db"
+    assert wb(db, "backup", str(backup)).returncode == 0
+    erased = wb(db, "erase", "--user", "1", "--yes", env=with_key)
+    assert erased.returncode == 0, erased.stderr
+
+    new = new_key()
+    new_file = tmp_path / "new.key"
+    new_file.write_text(new)
+    rotated = wb(db, "rotate-key", "--new-key-file", str(new_file), env=with_key)
+    assert rotated.returncode == 0 and "re-wrapped 1 data key(s)" in rotated.stdout, rotated.stderr
+    assert wb(db, "rotate-key", "--new-key-file", str(new_file), env=with_key).returncode == 1  # old key now
+
+    restore_backup(backup, db)
+    async with store_for(db, new) as store:
+        assert await store.list_sessions(1) == []
+        assert (await store.get_session("s2", user_id=2)).title == f"{TITLE} {MARKER}"
+    # While an app holds the file, rotation is refused.
+    async with store_for(db, new):
+        busy = wb(db, "rotate-key", env={"CHAT_SESSION_ENCRYPTION_KEY": new,
+                                        "CHAT_SESSION_NEW_ENCRYPTION_KEY": new_key()})  # fmt: skip
+        assert busy.returncode == 1 and "in use by a running app" in busy.stderr
+
+
+# -- PostgreSQL --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def pg_schema() -> AsyncIterator[str]:
+    schema = new_schema()
+    try:
+        conn = await asyncpg.connect(DSN)
+    except (OSError, asyncpg.PostgresError) as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs PostgreSQL at {DSN}: {exc}")
+        pytest.skip(f"PostgreSQL is not reachable at {DSN}: {exc}")
+    try:
+        yield schema
+    finally:
+        for s in (schema, enc.keys_schema_for(schema)):
+            await conn.execute(f"DROP SCHEMA IF EXISTS {s} CASCADE")
+        await conn.close()
+
+
+def pg_store(schema: str, key: str) -> WriteBehindStore:
+    return WriteBehindStore.from_config(
+        Config(db_url=DSN, db_schema=schema, encryption_key=key, flush_interval_ms=3_600_000)
+    )
+
+
+async def test_postgres_keeps_keys_in_their_own_schema_and_erasure_reaches_a_restored_dump(
+    pg_schema: str,
+) -> None:
+    key = new_key()
+    async with pg_store(pg_schema, key) as store:
+        await fill(store, "gone", 1, marker="GONE")
+        await fill(store, "kept", "bob", marker="KEPT")
+    conn = await asyncpg.connect(DSN)
+    try:
+        # A "pg_dump -n <schema>" of the data: every row of both tables, as they are stored.
+        sessions = await conn.fetch(f"SELECT * FROM {pg_schema}.sessions")
+        messages = await conn.fetch(f"SELECT * FROM {pg_schema}.messages")
+        dump = repr([dict(r) for r in sessions + messages])
+        assert "GONE" not in dump and "KEPT" not in dump and "203.0.113.9" not in dump and "🍜" not in dump
+        assert all(r["metadata"] is None or r["metadata"].startswith('{"wbe1":"') for r in messages)
+        keys_tables = await conn.fetch(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = $1", pg_schema + "_keys"
+        )
+        assert sorted(r["table_name"] for r in keys_tables) == ["keys", "meta"]
+
+        async with pg_store(pg_schema, key) as store:
+            assert [m.content for m in (await store.get_session("gone", user_id=1)).messages] == [
+                f"{t} GONE" for t in CONTENTS
+            ]
+            assert await store.delete_user(1) == 1
+
+        # The restore of the dump taken before the erasure.
+        await conn.execute(f"DELETE FROM {pg_schema}.sessions")
+        for table, rows in (("sessions", sessions), ("messages", messages)):
+            columns = list(rows[0].keys())
+            await conn.copy_records_to_table(table, schema_name=pg_schema, columns=columns,
+                                             records=[tuple(r.values()) for r in rows])  # fmt: skip
+        assert await conn.fetchval(f"SELECT count(*) FROM {pg_schema}.sessions") == 2
+    finally:
+        await conn.close()
+
+    async with pg_store(pg_schema, key) as store:
+        assert await store.list_sessions(1) == []
+        assert [r async for r in store.export_user(1)] == []
+        with pytest.raises(NotFound):
+            await store.get_session("gone", user_id=1)
+        kept = await store.get_session("kept", user_id="bob")
+        assert kept.title == f"{TITLE} KEPT" and kept.messages[2].content == f"{CONTENTS[2]} KEPT"
+        assert kept.messages[0].metadata == {**META, "i": 0}
+
+    with pytest.raises(WrongKeyError):
+        await pg_store(pg_schema, new_key()).start()
+    new = new_key()
+    keys = enc.PostgresKeyStore(DSN, enc.keys_schema_for(pg_schema))
+    assert await rotate_kek(keys, base64.b64decode(key), base64.b64decode(new)) == 1
+    async with pg_store(pg_schema, new) as store:
+        assert (await store.get_session("kept", user_id="bob")).user_agent == "Agent/1.0 KEPT"
+    with pytest.raises(WrongKeyError):
+        await pg_store(pg_schema, key).start()
