@@ -102,6 +102,7 @@ from typing_extensions import override
 from ..errors import NotFound, ValidationError
 from ..model import StoredMessage, UserId
 from ..writebehind import WriteBehindStore
+from ._common import digest, finish
 
 __all__ = ["APP_STATE_STATUS", "STATUS", "USER_STATE_STATUS", "WriteBehindSessionService"]
 
@@ -116,10 +117,6 @@ _GONE: Final = {"adk": "gone"}
 _MAX_TITLE_CHARS: Final = 200
 _MAX_SEQ: Final = 2**63 - 1
 _T = TypeVar("_T")
-
-
-def _digest(*parts: str) -> str:
-    return hashlib.blake2b("\x00".join(parts).encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
 def _text(field_name: str, value: object) -> str:
@@ -263,15 +260,15 @@ class WriteBehindSessionService(BaseSessionService):
 
     def _session_sid(self, owner: _Owner, app_name: str, user_id: str, session_id: str) -> str:
         kind = "anon" if owner.user_id is None else "user"
-        return f"adk.s.{_digest(kind, app_name, user_id, session_id)}"
+        return f"adk.s.{digest(kind, app_name, user_id, session_id)}"
 
     def _user_sid(self, owner: _Owner, app_name: str, user_id: str) -> str:
         kind = "anon" if owner.user_id is None else "user"
-        return f"adk.u.{_digest(kind, app_name, user_id)}"
+        return f"adk.u.{digest(kind, app_name, user_id)}"
 
     @staticmethod
     def _app_sid(app_name: str) -> str:
-        return f"adk.a.{_digest(app_name)}"
+        return f"adk.a.{digest(app_name)}"
 
     def _lock(self, sid: str) -> asyncio.Lock:
         lock = self._locks.get(sid)
@@ -443,7 +440,7 @@ class WriteBehindSessionService(BaseSessionService):
                 if owner.user_id is None:
                     self._anon_index.setdefault((app_name, user_id), {})[sid] = session_id
 
-            await _to_completion(commit())
+            await finish(commit())
         if self._durable:
             await self._store.flush()
         session = Session(
@@ -618,7 +615,7 @@ class WriteBehindSessionService(BaseSessionService):
                 return done
 
             if writes:
-                after = await _to_completion(commit())
+                after = await finish(commit())
             else:
                 # One session: the event's write is the only one that can wait (a load,
                 # back-pressure), before it is applied; the snapshot's then never waits. So a
@@ -732,7 +729,7 @@ _STALE: Final = (
 
 
 def _draft_id(event_id: str) -> str:
-    return f"d.{_digest(event_id)}"
+    return f"d.{digest(event_id)}"
 
 
 def _title(text: str) -> str:
@@ -741,17 +738,3 @@ def _title(text: str) -> str:
 
 def _now() -> float:
     return float(platform_time.get_time())
-
-
-async def _to_completion(coro: Coroutine[Any, Any, _T]) -> _T:
-    """Run `coro` to its end even if the caller is cancelled meanwhile (then the caller's
-    cancellation goes on once it has ended): a commit that has begun is never left half
-    done by a cancel."""
-    task = asyncio.ensure_future(coro)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        while not task.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(task)
-        raise

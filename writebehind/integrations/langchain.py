@@ -44,9 +44,8 @@ follows its 1.x contract.
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final, TypeVar, cast
+from typing import Final, TypeVar
 
 import orjson
 from langchain_core.chat_history import BaseChatMessageHistory
@@ -63,6 +62,7 @@ from langchain_core.messages import (
 from ..errors import ClosedError, NotFound, ValidationError, WriteBehindError
 from ..model import ROLES, StoredMessage, UserId, check_id, check_user_id, content_size
 from ..writebehind import WriteBehindStore
+from ._common import plain_json
 
 __all__ = ["STATUS", "SyncCallInEventLoopError", "WriteBehindChatMessageHistory"]
 
@@ -233,7 +233,7 @@ def _encode(index: int, message: object, limit: int) -> tuple[str, str]:
         raise ValidationError(field, f"cannot be encoded as JSON ({exc})") from None
     # What orjson accepted comes back equal unless it holds a tuple, a subclass or a
     # NaN/infinity: one walk finds those without decoding the text again.
-    if not _plain_json(as_dict):
+    if not plain_json(as_dict):
         raise ValidationError(field, "does not survive a JSON round trip unchanged (a tuple, NaN, ...)")
     content_size(text, limit, field)
     role = _ROLE_OF_TYPE.get(message.type)
@@ -255,21 +255,3 @@ def _decode(stored: Sequence[StoredMessage]) -> list[BaseMessage]:
                 plain(m.content) if plain is not None else ChatMessage(role=m.role, content=m.content)
             )
     return result
-
-
-_SCALARS: Final = frozenset({str, int, bool, type(None)})
-
-
-def _plain_json(value: object) -> bool:
-    """Whether `value`, which orjson encoded, decodes back deep-equal and of the same types
-    all the way down: only exact dicts, lists, str, int, bool, None and finite floats."""
-    kind = type(value)
-    if kind in _SCALARS:
-        return True
-    if kind is float:
-        return math.isfinite(cast(float, value))
-    if kind is dict:
-        return all(_plain_json(v) for v in cast(dict[str, Any], value).values())
-    if kind is list:
-        return all(_plain_json(v) for v in cast(list[Any], value))
-    return False

@@ -72,7 +72,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hashlib
 import random
 import secrets
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
@@ -99,6 +98,7 @@ from langgraph.checkpoint.serde.base import SerializerProtocol
 from ..errors import NotFound, ValidationError
 from ..model import StoredMessage, UserId, check_user_id
 from ..writebehind import WriteBehindStore
+from ._common import digest
 
 try:  # where Pregel puts a run's durability mode into the config it hands the saver
     from langgraph._internal._constants import CONFIG_KEY_DURABILITY
@@ -120,14 +120,10 @@ _MAX_TITLE_CHARS: Final = 200
 _T = TypeVar("_T")
 
 
-def _digest(*parts: str) -> str:
-    return hashlib.blake2b("\x00".join(parts).encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
-
-
 def _ns_tag(ns: str) -> str:
     """A short tag of the namespace in every record's id: a read of one namespace skips the
     others' messages without decoding their metadata."""
-    return _digest("ns", ns)[:8]
+    return digest("ns", ns)[:8]
 
 
 def _version_key(version: object) -> str:
@@ -276,7 +272,7 @@ class _Owner:
             if self.user_id is None
             else f"{type(self.user_id).__name__}:{self.user_id}"
         )
-        return f"lg.{_digest('thread', who, thread_id)}"
+        return f"lg.{digest('thread', who, thread_id)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -624,7 +620,7 @@ class WriteBehindSaver(BaseCheckpointSaver[str]):
             "blobs": blobs,
         }
         target = self._target(owner, thread_id)
-        mid = f"c.{_ns_tag(ns)}.{_digest(ns, checkpoint['id'])}"
+        mid = f"c.{_ns_tag(ns)}.{digest(ns, checkpoint['id'])}"
         await self._put_record(target, mid, record_meta, "\n".join(lines), replace=True)
         if self._durable_for(config):
             # Everything written before this call, this checkpoint included (group commit).
@@ -662,7 +658,7 @@ class WriteBehindSaver(BaseCheckpointSaver[str]):
             "path": task_path,
             "w": [[idx, channel] for idx, (channel, _) in zip(indexes, writes, strict=True)],
         }
-        key = _digest(ns, checkpoint_id, task_id, ",".join(map(str, indexes)))
+        key = digest(ns, checkpoint_id, task_id, ",".join(map(str, indexes)))
         if any(idx < 0 for idx in indexes):
             # A special write replaces the one before it, regular ones never do: the reader
             # settles each (task, index) (the first regular write, the last special one), so

@@ -42,10 +42,7 @@ implemented; the runner calls the plain forms then.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import math
-from collections.abc import Awaitable
 from typing import Any, Final, TypeVar, cast
 
 import orjson
@@ -59,6 +56,7 @@ from agents.memory.session_settings import (
 from ..errors import NotFound, ValidationError
 from ..model import StoredMessage, UserId, check_id, check_user_id, content_size
 from ..writebehind import WriteBehindStore
+from ._common import finish, plain_json
 
 __all__ = ["STATUS", "WriteBehindSession"]
 
@@ -164,13 +162,13 @@ class WriteBehindSession:
             raise
         self._count = message.seq
         if self._durable and uid is not None:
-            await _finish(store.flush())
+            await finish(store.flush())
 
     async def pop_item(self) -> TResponseInputItem | None:
         """Remove the latest item and return it (None if there is none); on disk when it
         returns."""
         try:
-            message = await _finish(
+            message = await finish(
                 self._store.pop_message(
                     self.session_id, user_id=self._user_id, binding_token=self._binding_token, durable=True
                 )
@@ -187,7 +185,7 @@ class WriteBehindSession:
         """Remove every item: the writebehind session is deleted, durably (the next
         `add_items` creates it again)."""
         with contextlib.suppress(NotFound):  # none, or another user's: nothing to clear
-            await _finish(
+            await finish(
                 self._store.delete_session(
                     self.session_id, user_id=self._user_id, binding_token=self._binding_token
                 )
@@ -216,7 +214,7 @@ def _encode(index: int, item: object, limit: int) -> tuple[str, str]:
     # lone surrogates, nesting past 254); what it accepted comes back equal unless it holds
     # a tuple, a subclass or a NaN/infinity: one walk of the item finds those, without
     # decoding the text again (half the cost of an add, measured).
-    if not _plain_json(item):
+    if not plain_json(item):
         raise ValidationError(field, "does not survive a JSON round trip unchanged (a tuple, NaN, ...)")
     content_size(text, limit, field)
     return _role(item), text
@@ -237,36 +235,3 @@ def _decode(message: StoredMessage) -> TResponseInputItem:
     if metadata is not None and orjson.loads(metadata) == _METADATA:
         return cast(TResponseInputItem, orjson.loads(message.content))
     return cast(TResponseInputItem, {"role": message.role, "content": message.content})
-
-
-_SCALARS: Final = frozenset({str, int, bool, type(None)})
-
-
-def _plain_json(value: object) -> bool:
-    """Whether `value`, which orjson encoded, decodes back deep-equal and of the same types
-    all the way down: only exact dicts, lists, str, int, bool, None and finite floats."""
-    kind = type(value)
-    if kind in _SCALARS:
-        return True
-    if kind is float:
-        return math.isfinite(cast(float, value))
-    if kind is dict:
-        return all(_plain_json(v) for v in cast(dict[str, Any], value).values())
-    if kind is list:
-        return all(_plain_json(v) for v in cast(list[Any], value))
-    return False
-
-
-async def _finish(awaitable: Awaitable[T]) -> T:
-    """Await a mutation to its end even if the caller is cancelled meanwhile, then re-raise
-    the cancellation: the caller never leaves one half done or running on unseen."""
-    task = asyncio.ensure_future(awaitable)
-    cancelled: asyncio.CancelledError | None = None
-    while not task.done():
-        try:
-            await asyncio.wait([task])
-        except asyncio.CancelledError as exc:
-            cancelled = cancelled or exc
-    if cancelled is not None:
-        raise cancelled
-    return task.result()
