@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from writebehind import DatabaseLockedError, SQLiteBackend, WriteBehindStore
+from writebehind.backends.sqlite import SCHEMA_VERSION
 
 from .conftest import StoreFactory
 from .test_sqlite_ownership import held_by_another_process
@@ -59,7 +60,12 @@ async def test_stats_sessions_and_check_while_the_app_holds_the_file(
     out = wb(db_path, "stats", "--json")
     assert out.returncode == 0, out.stderr
     info = orjson.loads(out.stdout)
-    assert (info["sessions"], info["messages"], info["users"], info["schema_version"]) == (5, 4, 3, 1)
+    assert (info["sessions"], info["messages"], info["users"], info["schema_version"]) == (
+        5,
+        4,
+        3,
+        SCHEMA_VERSION,
+    )
     listed = wb(db_path, "sessions", "--user", "1")
     assert listed.returncode == 0 and sorted(line.split("\t")[0] for line in listed.stdout.splitlines()) == [
         "a0", "a1", "a2",
@@ -115,7 +121,7 @@ async def test_backup_and_migrate(make_store: StoreFactory, db_path: Path, tmp_p
     assert orjson.loads(wb(dest, "stats", "--json").stdout)["sessions"] == 5
     fresh = tmp_path / "fresh.db"
     migrated = wb(fresh, "migrate")
-    assert migrated.returncode == 0 and "schema version 1" in migrated.stdout
+    assert migrated.returncode == 0 and f"schema version {SCHEMA_VERSION}" in migrated.stdout
 
 
 def test_mistakes_get_one_line_and_a_nonzero_exit(tmp_path: Path) -> None:
@@ -150,7 +156,7 @@ async def test_reading_verbs_work_beside_an_app_running_in_another_process(
     await (await seed(make_store)).aclose()
     with held_by_another_process(db_path):  # it adds the session "held" of user "holder"
         info = orjson.loads(wb(db_path, "stats", "--json").stdout)
-        assert (info["sessions"], info["messages"], info["schema_version"]) == (6, 5, 1)
+        assert (info["sessions"], info["messages"], info["schema_version"]) == (6, 5, SCHEMA_VERSION)
         listed = wb(db_path, "sessions", "--user", "holder", "--text-id")
         assert listed.returncode == 0 and listed.stdout.split("\t")[0] == "held"
         exported = wb(db_path, "export", "--user", "holder")

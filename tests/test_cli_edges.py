@@ -15,6 +15,7 @@ from pathlib import Path
 import orjson
 
 from writebehind import Config, SessionStore, SQLiteBackend, WriteBehindStore
+from writebehind.backends.sqlite import SCHEMA_VERSION
 
 from .conftest import QUIET
 
@@ -56,7 +57,7 @@ async def test_stats_without_json_prints_one_aligned_line_per_figure(db_path: Pa
     lines = result.stdout.splitlines()
     for key, value in (
         ("path", db_path),
-        ("schema_version", 1),
+        ("schema_version", SCHEMA_VERSION),
         ("sessions", 3),
         ("users", 1),
         ("messages", 3),
@@ -150,7 +151,7 @@ async def test_check_and_backup_of_a_damaged_file_fail_and_say_what_is_wrong(
     before = db_path.read_bytes()
     checked = run("--db", str(db_path), "check", module=True)  # `python -m writebehind.cli`
     assert checked.returncode == 1 and "Traceback" not in checked.stderr
-    assert checked.stdout == "schema version 1 (this writebehind: 1)\n"
+    assert checked.stdout == f"schema version {SCHEMA_VERSION} (this writebehind: {SCHEMA_VERSION})\n"
     assert checked.stderr.splitlines() == [
         f"integrity: row {i} missing from index sessions_updated" for i in (1, 2, 3)
     ]

@@ -18,7 +18,7 @@ import pytest
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from writebehind import Config, NotFound, WriteBehindStore
+from writebehind import Config, NotFound, SessionStore, SQLiteBackend, WriteBehindStore
 from writebehind import encryption as enc
 from writebehind.backups import restore_backup
 from writebehind.encryption import EncryptedBackend, SQLiteKeyStore, keys_path_for, rotate_kek
@@ -46,6 +46,14 @@ def new_key() -> str:
 def store_for(db: Path, key: str | None, **overrides: Any) -> WriteBehindStore:
     config = Config(db_path=db, encryption_key=key, **{"flush_interval_ms": 3_600_000, **overrides})
     return WriteBehindStore.from_config(config)
+
+
+def written_as_before(store: WriteBehindStore) -> None:
+    """From now on `store` writes as releases before the bytes form did: the text form
+    (`wbe1:` + base64) on SQLite too."""
+    backend = store.backend
+    assert isinstance(backend, EncryptedBackend) and backend.binary
+    backend.binary = False
 
 
 @pytest.fixture
@@ -116,6 +124,18 @@ async def test_content_titles_and_metadata_round_trip_with_non_ascii_text(db: Pa
         assert [m.content for m in s1.messages[1:5]] == [f"{t} {MARKER}" for t in CONTENTS[1:]]
         assert (await store.get_session("untitled", user_id="alice")).title is None
 
+    # SQLite stores every private value as a BLOB (the bytes form), nothing as text.
+    conn = sqlite3.connect(db)
+    try:
+        kinds = conn.execute(
+            "SELECT DISTINCT typeof(m.content), typeof(m.metadata), typeof(s.title), typeof(s.client_ip), "
+            "typeof(s.user_agent) FROM messages m JOIN sessions s ON s.id = m.session_id WHERE s.id = 's1'"
+        ).fetchall()
+    finally:
+        conn.close()
+    assert {k[0] for k in kinds} == {"blob"} and {k[1] for k in kinds} == {"blob", "null"}
+    assert {k[2:] for k in kinds} == {("blob", "blob", "blob")}
+
     # From disk only (a new store, nothing in memory): listings and exports decrypt too.
     async with store_for(db, key) as store:
         listed = await store.list_sessions("alice")
@@ -158,7 +178,7 @@ async def test_nothing_private_is_in_plaintext_in_the_file_its_wal_its_backup_or
 # -- erasure reaches backups -----------------------------------------------------------------
 
 
-def ciphertexts_of(db: Path, user: object) -> list[str]:
+def ciphertexts_of(db: Path, user: object) -> list[str | bytes]:
     conn = sqlite3.connect(db)
     try:
         rows = conn.execute(
@@ -169,6 +189,17 @@ def ciphertexts_of(db: Path, user: object) -> list[str]:
     finally:
         conn.close()
     return [r[0] for r in rows + titles]
+
+
+def sealed_parts(value: str | bytes) -> tuple[bytes, bytes, bytes]:
+    """(key id, nonce, ciphertext and tag) of a stored value: the bytes form (a version byte
+    first) or the text form of releases before it (`wbe1:` + base64)."""
+    if isinstance(value, bytes):
+        assert value[0] == 1
+        blob = value[1:]
+    else:
+        blob = base64.b64decode(value[len(enc.PREFIX) :])
+    return blob[:8], blob[8:20], blob[20:]
 
 
 def every_key_in(keys: Path, kek: bytes) -> list[AESGCM]:
@@ -189,7 +220,14 @@ async def test_a_backup_taken_before_an_erasure_and_restored_after_it_holds_noth
     backup = tmp_path / "before-erasure.db"
     async with store_for(db, key) as store:
         await fill(store, "erased-1", 1, marker="GONE")
+        await store.flush()
+        # One session in the text form of the releases before the bytes form.
+        written_as_before(store)
         await fill(store, "erased-2", 1, marker="GONE")
+        await store.flush()
+        backend = store.backend
+        assert isinstance(backend, EncryptedBackend)
+        backend.binary = True
         await fill(store, "kept", 2, marker="KEPT")
         await store.backup(backup)
         assert await store.delete_user(1) == 2
@@ -214,18 +252,28 @@ async def test_a_backup_taken_before_an_erasure_and_restored_after_it_holds_noth
     kek = base64.b64decode(key)
     keys = every_key_in(keys_path_for(db), kek)
     assert keys, "the other user's key is there"
-    for value in ciphertexts_of(db, 1):
-        blob = base64.b64decode(value[len(enc.PREFIX) :])
+    erased = ciphertexts_of(db, 1)
+    assert {type(v) for v in erased} == {bytes, str}  # both forms
+    named = set()
+    for value in erased:
+        key_id, nonce, sealed = sealed_parts(value)
+        named.add(key_id)
         for candidate in keys:
-            with pytest.raises(InvalidTag):
-                candidate.decrypt(blob[8:20], blob[20:], None)
+            # The right associated data, so only the key could be wrong.
+            for field in (b"title", *(b"%d:c" % seq for seq in range(1, len(CONTENTS) + 1))):
+                for sid in ("erased-1", "erased-2"):
+                    with pytest.raises(InvalidTag):
+                        candidate.decrypt(nonce, sealed, enc._aad_base("i:1", sid) + field)
     conn = sqlite3.connect(keys_path_for(db))
     try:
         # The erased key's row is a tombstone: no owner, no key material.
-        tombstones = conn.execute("SELECT owner, wrapped FROM keys WHERE destroyed_at IS NOT NULL").fetchall()
+        tombstones = conn.execute(
+            "SELECT owner, wrapped, key_id FROM keys WHERE destroyed_at IS NOT NULL"
+        ).fetchall()
     finally:
         conn.close()
-    assert tombstones == [(None, None)]
+    assert [t[:2] for t in tombstones] == [(None, None)]
+    assert named == {tombstones[0][2]}  # every erased value, of either form, names that key
     assert b"i:1" not in keys_path_for(db).read_bytes()
 
 
@@ -341,15 +389,26 @@ def tamper(db: Path, sql: str, *params: Any) -> None:
         conn.close()
 
 
+@pytest.mark.parametrize("form", ["bytes", "text, as before"])
 @pytest.mark.parametrize(
     "how",
-    ["flip a byte", "swap two messages", "move from another session", "truncate", "not base64", "metadata"],
+    [
+        "flip a byte",
+        "swap two messages",
+        "move from another session",
+        "truncate",
+        "not base64 / unknown version",
+        "metadata",
+        "title",
+    ],
 )
 async def test_a_tampered_value_raises_a_typed_error_naming_the_session_and_nothing_else_breaks(
-    db: Path, how: str
+    db: Path, how: str, form: str
 ) -> None:
     key = new_key()
     async with store_for(db, key) as store:
+        if form != "bytes":
+            written_as_before(store)
         await fill(store, "victim", 1)
         await fill(store, "other", 1)
     content = (
@@ -357,10 +416,13 @@ async def test_a_tampered_value_raises_a_typed_error_naming_the_session_and_noth
         .execute("SELECT content FROM messages WHERE session_id = 'victim' AND seq = 1")
         .fetchone()[0]
     )
+    assert isinstance(content, bytes if form == "bytes" else str)
     if how == "flip a byte":
-        blob = bytearray(base64.b64decode(content[5:]))
+        blob = bytearray(content if isinstance(content, bytes) else base64.b64decode(content[5:]))
         blob[-20] ^= 1
-        forged = enc.PREFIX + base64.b64encode(bytes(blob)).decode()
+        forged: str | bytes = (
+            bytes(blob) if isinstance(content, bytes) else enc.PREFIX + base64.b64encode(bytes(blob)).decode()
+        )
         tamper(db, "UPDATE messages SET content = ? WHERE session_id = 'victim' AND seq = 1", forged)
     elif how == "swap two messages":
         tamper(db, "UPDATE messages SET content = (SELECT content FROM messages WHERE session_id = 'victim' "
@@ -370,8 +432,12 @@ async def test_a_tampered_value_raises_a_typed_error_naming_the_session_and_noth
                    "AND seq = 1) WHERE session_id = 'victim' AND seq = 1")  # fmt: skip
     elif how == "truncate":
         tamper(db, "UPDATE messages SET content = ? WHERE session_id = 'victim' AND seq = 1", content[:30])
-    elif how == "not base64":
-        tamper(db, "UPDATE messages SET content = ? WHERE session_id = 'victim' AND seq = 1", content + "!!")
+    elif how == "not base64 / unknown version":
+        forged = b"\x02" + content[1:] if isinstance(content, bytes) else content + "!!"
+        tamper(db, "UPDATE messages SET content = ? WHERE session_id = 'victim' AND seq = 1", forged)
+    elif how == "title":
+        tamper(db, "UPDATE sessions SET title = (SELECT title FROM sessions WHERE id = 'other') "
+                   "WHERE id = 'victim'")  # fmt: skip
     else:
         tamper(db, "UPDATE messages SET metadata = (SELECT metadata FROM messages WHERE session_id = 'other' "
                    "AND seq = 1) WHERE session_id = 'victim' AND seq = 1")  # fmt: skip
@@ -457,7 +523,7 @@ async def test_rows_written_before_encryption_stay_readable_and_new_writes_are_e
         assert [m.content for m in legacy.messages] == [f"{t} OLD" for t in CONTENTS]
         await store.append_message("legacy", user_id=1, role="user", content="NEW-SECRET")
     rows = dict(sqlite3.connect(db).execute("SELECT seq, content FROM messages WHERE session_id = 'legacy'"))
-    assert rows[1] == f"{CONTENTS[0]} OLD" and rows[len(CONTENTS) + 1].startswith(enc.PREFIX)
+    assert rows[1] == f"{CONTENTS[0]} OLD" and rows[len(CONTENTS) + 1][:1] == b"\x01"
     assert b"NEW-SECRET" not in raw_bytes(*sidecars(db))
     async with store_for(db, key) as store:
         mixed = await store.get_session("legacy", user_id=1)
@@ -465,6 +531,71 @@ async def test_rows_written_before_encryption_stay_readable_and_new_writes_are_e
             mixed.messages[0].content == f"{CONTENTS[0]} OLD" and mixed.messages[-1].content == "NEW-SECRET"
         )
         assert mixed.title == f"{TITLE} OLD"  # re-written encrypted with the session row
+
+
+async def test_a_file_in_the_text_form_of_earlier_releases_reads_and_takes_new_writes_in_bytes(
+    db: Path,
+) -> None:
+    """Rows as the releases before the bytes form wrote them (`wbe1:` + base64 in text
+    columns, metadata as `{"wbe1": ...}`), made here from the format itself, not by this
+    release's code: they read back, and the session's new writes are in the bytes form."""
+    key = new_key()
+    async with store_for(db, key) as store:
+        await store.ensure_session("old", user_id="zoë", title="placeholder")
+    kek = base64.b64decode(key)
+    conn = sqlite3.connect(keys_path_for(db))
+    try:
+        key_id, owner, wrapped = conn.execute("SELECT key_id, owner, wrapped FROM keys").fetchone()
+    finally:
+        conn.close()
+    assert owner == "s:zoë"
+    data_key = AESGCM(AESGCM(kek).decrypt(wrapped[:12], wrapped[12:], enc._wrap_aad(key_id, owner)))
+
+    def sealed(plain: bytes, field: bytes) -> str:
+        nonce = os.urandom(12)
+        aad = f"{len(owner)}:{owner}\x00old\x00".encode() + field
+        return "wbe1:" + base64.b64encode(key_id + nonce + data_key.encrypt(nonce, plain, aad)).decode()
+
+    meta = orjson.dumps(META).decode()
+    tamper(
+        db,
+        "UPDATE sessions SET title = ?, client_ip = ?, user_agent = ?, message_count = ? WHERE id = 'old'",
+        sealed(b"\x01" + TITLE.encode(), b"title"),
+        sealed(b"203.0.113.9", b"client_ip"),
+        sealed(b"Agent/0.9", b"user_agent"),
+        len(CONTENTS),
+    )
+    for seq, text in enumerate(CONTENTS, 1):
+        tamper(
+            db,
+            "INSERT INTO messages VALUES ('old', ?, ?, 'user', ?, 1000000, 2000000, ?)",
+            seq,
+            f"m{seq}",
+            sealed(text.encode(), b"%d:c" % seq),
+            '{"wbe1":"' + sealed(meta.encode(), b"%d:m" % seq)[5:] + '"}' if seq % 2 else None,
+        )
+    async with store_for(db, key) as store:
+        loaded = await store.get_session("old", user_id="zoë")
+        assert (loaded.title, loaded.client_ip, loaded.user_agent) == (TITLE, "203.0.113.9", "Agent/0.9")
+        assert [m.content for m in loaded.messages] == CONTENTS
+        assert [m.metadata for m in loaded.messages] == [META if i % 2 == 0 else None for i in range(5)]
+        assert [(h.session_id, h.seq) for h in (await store.search("zoë", "世界")).hits] == [("old", 2)]
+        await store.append_message("old", user_id="zoë", role="user", content="new 🆕", metadata={"n": 1})
+        await store.update_message("old", "m1", user_id="zoë", content="edited ✏️")
+    conn = sqlite3.connect(db)
+    try:
+        kinds = dict(conn.execute("SELECT seq, typeof(content) FROM messages WHERE session_id = 'old'"))
+        title_kind = conn.execute("SELECT typeof(title) FROM sessions WHERE id = 'old'").fetchone()[0]
+    finally:
+        conn.close()
+    # What was written since is in the bytes form; what was not stays as it was.
+    assert kinds == {1: "blob", 2: "text", 3: "text", 4: "text", 5: "text", 6: "blob"}
+    assert title_kind == "blob"
+    async with store_for(db, key) as store:
+        mixed = await store.get_session("old", user_id="zoë")
+        assert [m.content for m in mixed.messages] == ["edited ✏️", *CONTENTS[1:], "new 🆕"]
+        assert mixed.messages[-1].metadata == {"n": 1} and mixed.messages[2].metadata == META
+        assert mixed.title == TITLE
 
 
 # -- search ------------------------------------------------------------------------------------
@@ -490,6 +621,20 @@ async def test_search_keeps_working_for_the_keys_owner_and_only_for_them(db: Pat
         assert [h.session_id for h in (await store.search(2, "世界")).hits] == ["theirs"]
         await store.delete_user(1)
         assert (await store.search(1, "世界")).hits == ()
+    # The file's own search, without the key (a tool beside the app): the BLOBs are
+    # ciphertext, never a match and never an error; a plain row written before still is.
+    # (`from_config` refuses an encrypted file without its key; a store built by hand does not.)
+    plain_config = Config(db_path=db, flush_interval_ms=3_600_000)
+    async with WriteBehindStore(SessionStore(), SQLiteBackend(db), config=plain_config) as plain:
+        await plain.append_message("theirs", user_id=2, role="user", content="plain 世界 row")
+    raw = SQLiteBackend(db, readonly=True)
+    await raw.open()
+    try:
+        found = await raw.search(2, ["世界"], limit=10)
+        assert [(r.session_id, r.content) for r in found] == [("theirs", "plain 世界 row")]
+        assert await raw.search(2, ["wbe1"], limit=10) == []
+    finally:
+        await raw.close()
 
 
 # -- the command line ------------------------------------------------------------------------
@@ -624,3 +769,59 @@ async def test_postgres_keeps_keys_in_their_own_schema_and_erasure_reaches_a_res
         assert (await store.get_session("kept", user_id="bob")).user_agent == "Agent/1.0 KEPT"
     with pytest.raises(WrongKeyError):
         await pg_store(pg_schema, key).start()
+
+
+async def test_the_command_line_rotates_the_key_of_a_postgres_keys_schema(
+    pg_schema: str, tmp_path: Path
+) -> None:
+    key, new = new_key(), new_key()
+    async with pg_store(pg_schema, key) as store:
+        await fill(store, "s1", 1)
+        await fill(store, "s2", "bob")
+    env = {"CHAT_SESSION_DB_URL": DSN, "CHAT_SESSION_DB_SCHEMA": pg_schema,
+           "CHAT_SESSION_ENCRYPTION_KEY": key, "CHAT_SESSION_NEW_ENCRYPTION_KEY": new}  # fmt: skip
+    no_file = tmp_path / "absent.db"  # PostgreSQL: --db names nothing that needs to exist
+
+    # While an instance runs on the schema, refused, and nothing changed.
+    async with pg_store(pg_schema, key) as running:
+        busy = wb(no_file, "rotate-key", env=env)
+        assert busy.returncode == 1 and "1 app instance(s) are running" in busy.stderr, busy.stderr
+        assert (await running.get_session("s1", user_id=1)).title == f"{TITLE} {MARKER}"
+
+    rotated = wb(no_file, "rotate-key", env=env)
+    assert rotated.returncode == 0, rotated.stderr
+    assert "re-wrapped 2 data key(s)" in rotated.stdout and f"{pg_schema}_keys" in rotated.stdout
+    assert key not in rotated.stdout + rotated.stderr and new not in rotated.stdout + rotated.stderr
+    # Again from the old key, which no longer opens the keys schema: a typed refusal.
+    again = wb(no_file, "rotate-key", env={**env, "CHAT_SESSION_NEW_ENCRYPTION_KEY": new_key()})
+    assert again.returncode == 1 and "does not open the keys schema" in again.stderr, again.stderr
+    with pytest.raises(WrongKeyError):
+        await pg_store(pg_schema, key).start()
+    async with pg_store(pg_schema, new) as store:
+        assert (await store.get_session("s2", user_id="bob")).title == f"{TITLE} {MARKER}"
+        assert [m.content for m in (await store.get_session("s1", user_id=1)).messages] == [
+            f"{t} {MARKER}" for t in CONTENTS
+        ]
+
+    # A schema nothing was encrypted in: refused, and no keys schema is made for it.
+    other = new_schema()
+    nothing = wb(no_file, "rotate-key", env={**env, "CHAT_SESSION_DB_SCHEMA": other})
+    assert nothing.returncode == 1 and "does not exist" in nothing.stderr, nothing.stderr
+    conn = await asyncpg.connect(DSN)
+    try:
+        made = await conn.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname LIKE $1", f"{other}%")
+    finally:
+        await conn.close()
+    assert made == 0
+
+
+async def test_an_encrypted_file_is_refused_without_its_key(tmp_path: Path) -> None:
+    """Served without its key, an encrypted file would hand out ciphertext and take new
+    messages in the clear: `from_config` refuses it, naming the variable."""
+    from writebehind import ConfigError
+
+    db = tmp_path / "chat.db"
+    async with WriteBehindStore.from_config(Config(db_path=db, encryption_key=enc.new_kek())) as store:
+        await store.ensure_session("s", user_id=1)
+    with pytest.raises(ConfigError, match="CHAT_SESSION_ENCRYPTION_KEY"):
+        WriteBehindStore.from_config(Config(db_path=db))

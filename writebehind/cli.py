@@ -10,7 +10,8 @@ write nothing.
 With encryption at rest (CHAT_SESSION_ENCRYPTION_KEY or _FILE), `sessions`, `export` and
 `erase` go through `writebehind.encryption` as the app does: they decrypt, and `erase`
 destroys the user's data key first. On an encrypted database without the key they refuse.
-`rotate-key` re-wraps the data keys under a new key-encryption key.
+`rotate-key` re-wraps the data keys under a new key-encryption key, in the keys file beside
+the SQLite file, or (CHAT_SESSION_DB_URL set) in the PostgreSQL keys schema.
 
 The changing verbs (`erase`, `purge`, `migrate`, `restore`) need the file to themselves: a
 running app owns it (it holds recent sessions in memory and would write them back at its next
@@ -32,7 +33,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import orjson
@@ -46,6 +47,9 @@ from .export import export_json
 from .model import SessionRecord, UserId, check_user_id, utcnow
 from .recovery import recovery_path_for, scrub_recovery
 from .stats import read_status, status_path_for
+
+if TYPE_CHECKING:
+    from .encryption import PostgresKeyStore
 
 __all__ = ["main"]
 
@@ -178,7 +182,9 @@ def cli(ctx: click.Context, db: Path | None) -> None:
     """Inspect and maintain a writebehind session database."""
     path = db or _default_db()
     # A restore is what puts a lost database back; the backups are listed without it.
-    if ctx.invoked_subcommand not in ("migrate", "backup", "backups", "restore") and not path.exists():
+    # rotate-key checks for itself: on PostgreSQL there is no file.
+    exempt = ("migrate", "backup", "backups", "restore", "rotate-key")
+    if ctx.invoked_subcommand not in exempt and not path.exists():
         raise click.ClickException(f"{path} does not exist (use --db, or run the app once)")
     ctx.obj = path
 
@@ -472,10 +478,20 @@ def rotate_key(db: Path, new_key_file: Path | None) -> None:
     """Re-wrap every user's data key under a new key-encryption key; no data is rewritten.
 
     The current key comes from CHAT_SESSION_ENCRYPTION_KEY (or _FILE), as the app has it.
-    The app must be stopped; start it with the new key afterwards (the old one no longer
-    opens the keys file).
+    SQLite: the keys file beside --db (or CHAT_SESSION_ENCRYPTION_KEYS_PATH). PostgreSQL
+    (CHAT_SESSION_DB_URL set): the keys schema of CHAT_SESSION_DB_SCHEMA (`<schema>_keys`).
+    The app must be stopped (on PostgreSQL: every instance on the schema); start it with
+    the new key afterwards (the old one no longer opens the keys store).
     """
-    from .encryption import SQLiteKeyStore, keys_path_for, load_kek, rotate_kek
+    from .encryption import (
+        KeyStore,
+        PostgresKeyStore,
+        SQLiteKeyStore,
+        keys_path_for,
+        keys_schema_for,
+        load_kek,
+        rotate_kek,
+    )
 
     try:
         config = Config.from_env()
@@ -495,15 +511,63 @@ def rotate_key(db: Path, new_key_file: Path | None) -> None:
         raise click.ClickException("no new key: pass --new-key-file, or set CHAT_SESSION_NEW_ENCRYPTION_KEY")
     if new == old:
         raise click.ClickException("the new key is the current one")
-    keys = config.encryption_keys_path or keys_path_for(db)
-    if not keys.exists():
-        raise click.ClickException(f"{keys} does not exist: nothing is encrypted with a key to rotate")
+    keys: KeyStore
+    if config.db_url is not None:
+        keys = PostgresKeyStore(config.db_url, keys_schema_for(config.db_schema))
+        try:
+            count = asyncio.run(_rotate_postgres(keys, config.db_schema, old, new))
+        except WriteBehindError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"re-wrapped {count} data key(s) in {keys.where}; start the app with the new key")
+        return
+    if not db.exists():
+        raise click.ClickException(
+            f"{db} does not exist (use --db, or set CHAT_SESSION_DB_URL for PostgreSQL)"
+        )
+    path = config.encryption_keys_path or keys_path_for(db)
+    if not path.exists():
+        raise click.ClickException(f"{path} does not exist: nothing is encrypted with a key to rotate")
+    keys = SQLiteKeyStore(path)
 
     async def work(_: SQLiteBackend) -> int:
-        return await rotate_kek(SQLiteKeyStore(keys), old, new)
+        return await rotate_kek(keys, old, new)
 
     count = _run(work, db, changing="stop the app, rotate the key, then start the app with the new key")
-    click.echo(f"re-wrapped {count} data key(s) in {keys}; start the app with the new key")
+    click.echo(f"re-wrapped {count} data key(s) in {path}; start the app with the new key")
+
+
+async def _rotate_postgres(keys: PostgresKeyStore, schema: str, old: bytes, new: bytes) -> int:
+    """`rotate_kek` on PostgreSQL, refused while an app instance runs on `schema` (one holds
+    its liveness lock: see `pg_ownership`) or when the keys schema does not exist (it would
+    be created, empty, with the new key)."""
+    import asyncpg
+
+    from .encryption import rotate_kek
+
+    try:
+        conn = await asyncpg.connect(keys.dsn)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise click.ClickException(f"cannot connect to PostgreSQL: {exc}") from None
+    try:
+        if await conn.fetchval("SELECT to_regclass($1)", f"{keys.schema}.meta") is None:
+            raise click.ClickException(
+                f"{keys.where} does not exist: nothing is encrypted with a key to rotate"
+            )
+        running = 0
+        if await conn.fetchval("SELECT to_regclass($1)", f"{schema}.instances") is not None:
+            # A running instance holds its lock: one this transaction can take is a dead one's.
+            async with conn.transaction():
+                running = await conn.fetchval(
+                    f"SELECT count(*) FROM {schema}.instances WHERE NOT pg_try_advisory_xact_lock(lock_key)"
+                )
+    finally:
+        await conn.close()
+    if running:
+        raise click.ClickException(
+            f"{running} app instance(s) are running on schema {schema}: stop them, rotate the key, "
+            "then start them with the new key"
+        )
+    return await rotate_kek(keys, old, new)
 
 
 def main() -> None:

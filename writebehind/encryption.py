@@ -9,10 +9,16 @@ decrypting on the way out (`load_session`, `list_sessions`, `iter_user_sessions`
   database needs them to find, order and expire rows.
 - **How:** AES-256-GCM, a random 96-bit nonce per value, and as associated data the owner,
   the session id, the message's seq and the field: a ciphertext copied to another row,
-  field or user does not decrypt. A stored text value is `wbe1:` + base64(key id (8 bytes)
-  + nonce + ciphertext and tag); metadata, which PostgreSQL keeps in a `json` column, is
-  stored as `{"wbe1": "<the same base64>"}`. A title is always stored encrypted, None
-  included, so that every session row names its key.
+  field or user does not decrypt. A title is always stored encrypted, None included, so
+  that every session row names its key.
+- **Stored forms:** on SQLite, whose columns take any type, a value is raw bytes (a BLOB):
+  version byte 1, key id (8 bytes), nonce (12), ciphertext and tag; content, metadata, title,
+  client IP and user agent alike. On PostgreSQL, whose columns are `text` and `json`, it is
+  text: `wbe1:` + base64(key id + nonce + ciphertext and tag), and metadata
+  `{"wbe1": "<the same base64>"}`. That text form is also what SQLite files written by
+  releases before the bytes form hold: both forms are read on every engine, so such a file
+  reads as it is, and a value is rewritten in the bytes form the next time it is written.
+  (The text form made a 500-byte message ~715 bytes, and SQLite's flush 1.6-1.8x as long.)
 - **Keys:** one data key per user (and one shared by the anonymous sessions a custom policy
   persists), made at the user's first flush, kept wrapped (AES-GCM) by the key-encryption
   key (KEK, `CHAT_SESSION_ENCRYPTION_KEY` or `_FILE`) in a `KeyStore` that the database's
@@ -28,8 +34,8 @@ decrypting on the way out (`load_session`, `list_sessions`, `iter_user_sessions`
   ciphertext, and an index of plaintext (or of per-user tokens) would be a copy of the data
   that destroying the key does not reach; the price is a pass over the user's history per
   query (~200 ms for 5,000 messages on a busy 2-core VM).
-- **Rows written before encryption was turned on** (no `wbe1:` prefix) are read as they are,
-  and encrypted the next time they are written.
+- **Rows written before encryption was turned on** (text without the `wbe1:` prefix) are
+  read as they are, and encrypted the next time they are written.
 
 Errors: a KEK that does not open the keys store raises `WrongKeyError` from `open()`; a
 value that does not decrypt (changed, moved, or under a key the keys store never had)
@@ -72,6 +78,7 @@ from .model import (
     UserId,
     add_message_rows,
     message_from_row,
+    new_message,
     to_micros,
 )
 from .search import SearchRow, memory_rows
@@ -101,6 +108,9 @@ _KEY_ID: Final = 8
 _NONCE: Final = 12
 _HEAD: Final = _KEY_ID + _NONCE
 _MIN_BLOB: Final = _HEAD + 16  # the GCM tag
+# The bytes form: this version byte, then key id, nonce, ciphertext and tag.
+_BLOB_V1: Final = 1
+_BLOB_HEAD: Final = 1 + _HEAD
 # The first 12 base64 characters after the prefix hold the key id (8 bytes, and one more).
 _KID_CHARS: Final = 12
 # A load with more values than this decrypts in a thread: a 2,000-message session takes a
@@ -637,13 +647,22 @@ class EncryptedBackend:
     `ownership`, ...) is the inner backend's, so the store finds its file, backups and
     ownership as before. A backup of the inner database holds ciphertext only; the keys
     store is not in it.
+
+    `binary`: write values in the bytes form (True) or the text form (False); None, the
+    default, picks bytes for `SQLiteBackend` and text for any other backend (PostgreSQL's
+    columns are `text` and `json`). Both forms are read whatever it says.
     """
 
-    def __init__(self, inner: Backend, keys: KeyStore, kek: bytes) -> None:
+    def __init__(self, inner: Backend, keys: KeyStore, kek: bytes, *, binary: bool | None = None) -> None:
         if len(kek) != 32:
             raise ConfigError("the key-encryption key must be 32 bytes")
+        if binary is None:
+            from .backends.sqlite import SQLiteBackend
+
+            binary = isinstance(inner, SQLiteBackend)
         self.inner = inner
         self.keys = keys
+        self.binary = binary
         self._kek = AESGCM(kek)
         self._kek_mac = _kek_mac(kek)
         self._kek_name = kek_id(kek)
@@ -698,17 +717,18 @@ class EncryptedBackend:
     ) -> BatchResult:
         """Encrypt, then write through. The keys of users new to the store are committed to
         the keys store before the data that needs them. The encryption runs in a thread:
-        a 5,000-message batch is ~15 ms of CPU the event loop does not wait for."""
+        a 5,000-message batch is ~13 ms of CPU (~18 ms in the text form) the event loop does
+        not wait for."""
         if deltas:
             owners = {_owner(d.record.user_id) for d in deltas}
             stored = await self.keys.active(owners, self._kek_mac, self._make_key)
-            keys: dict[str, tuple[bytes, AESGCM]] = {}
+            keys: dict[str, tuple[bytes, _Encrypt]] = {}
             for owner, (key_id, wrapped) in stored.items():
                 cipher = self._ciphers.get(key_id)
                 if cipher is None:
                     cipher = self._ciphers[key_id] = self._unwrap(key_id, owner, wrapped)
-                keys[owner] = (key_id, cipher)
-            deltas = await asyncio.to_thread(_seal_batch, deltas, keys)
+                keys[owner] = (_BLOB_V1.to_bytes() + key_id if self.binary else key_id, cipher.encrypt)
+            deltas = await asyncio.to_thread(_seal_batch, deltas, keys, self.binary)
         return await self.inner.write_batch(deltas, touches)
 
     async def delete_user(self, user_id: UserId) -> list[str]:
@@ -828,17 +848,27 @@ class EncryptedBackend:
 # -- the values ------------------------------------------------------------------------------
 
 
+# A data key's `encrypt`, as `_seal_batch` calls it: (nonce, data, associated data).
+_Encrypt = Callable[[bytes, bytes, bytes], bytes]
+
+
 def _aad_base(owner: str, session_id: str) -> bytes:
     return f"{len(owner)}:{owner}\x00{session_id}\x00".encode()
 
 
-def _seal_batch(deltas: Sequence[SessionDelta], keys: dict[str, tuple[bytes, AESGCM]]) -> list[SessionDelta]:
-    """The deltas with every private value encrypted (in a worker thread).
+def _seal_batch(
+    deltas: Sequence[SessionDelta], keys: dict[str, tuple[bytes, _Encrypt]], binary: bool
+) -> list[SessionDelta]:
+    """The deltas with every private value encrypted (in a worker thread), in the bytes form
+    (`binary`) or the text form. `keys` holds each owner's (head, encrypt), the head being
+    what goes before the nonce: the version byte and key id, or the key id.
 
-    The messages are rebuilt as loaded rows are (`message_from_row`), so a backend upserts
-    them all rather than inserting the new ones: an insert saves SQLite an index probe a
-    row (a few % of a flush), building new messages with their rows cost more than that.
-    One loop, no helper calls: at 5,000 messages a batch every call is ~1% of the flush.
+    A message appended since the last flush is rebuilt as it was appended (`new_message`:
+    its row made with it, its datetimes the original's), so SQLite inserts it as it would
+    the plain one, and PostgreSQL binds its datetimes rather than making two from
+    microseconds (~0.7 us a message). Any other is rebuilt as a loaded row (`message_from_row`)
+    and upserted. One loop, no call a message beyond the cipher's and the constructor's: at
+    5,000 messages a batch, each call a message is ~1% of the flush.
     """
     nonces = os.urandom(_NONCE * sum(3 + 2 * len(d.messages) for d in deltas))
     at = 0
@@ -850,10 +880,10 @@ def _seal_batch(deltas: Sequence[SessionDelta], keys: dict[str, tuple[bytes, AES
         record = delta.record
         sid = record.id
         owner = _owner(record.user_id)
-        key_id, cipher = keys[owner]
-        encrypt = cipher.encrypt
+        head, encrypt = keys[owner]
         base = _aad_base(owner, sid)
-        values: list[str | None] = []
+        # Any: a stored value is str or bytes, whatever the record's annotations say.
+        values: list[Any] = []
         title = record.title
         for plain, field in (
             (_TITLE_NONE if title is None else _TITLE_TEXT + title.encode(), b"title"),
@@ -865,29 +895,44 @@ def _seal_batch(deltas: Sequence[SessionDelta], keys: dict[str, tuple[bytes, AES
                 continue
             nonce = nonces[at : at + _NONCE]
             at += _NONCE
-            blob = key_id + nonce + encrypt(nonce, plain, base + field)
-            values.append(PREFIX + b2a(blob, newline=False).decode())
+            blob = head + nonce + encrypt(nonce, plain, base + field)
+            values.append(blob if binary else PREFIX + b2a(blob, newline=False).decode())
         new_record = replace(record, title=values[0], client_ip=values[1], user_agent=values[2])
         fresh.clear()
         rows.clear()
-        add_message_rows(fresh, rows, sid, delta.messages)
+        originals = delta.messages
+        add_message_rows(fresh, rows, sid, originals)
+        # Each message's row, in the messages' order; which of them were appended.
+        all_appended = not rows
+        appended: Collection[int] = ()
+        ordered = fresh
         if rows:
-            fresh.extend(rows)
-            if len(rows) != len(fresh):
-                fresh.sort(key=_seq_of)
+            ordered = rows
+            if fresh:
+                appended = {row[1] for row in fresh}
+                by_seq = {row[1]: row for row in fresh}
+                by_seq.update((row[1], row) for row in rows)
+                ordered = [by_seq[m.seq] for m in originals]
         messages: list[StoredMessage] = []
         add = messages.append
-        for _sid, seq, mid, role, content, created, updated, meta in fresh:
+        for m, (_sid, seq, mid, role, text, created, updated, meta) in zip(originals, ordered, strict=True):
             nonce = nonces[at : at + _NONCE]
             at += _NONCE
-            blob = key_id + nonce + encrypt(nonce, content.encode(), base + b"%d:c" % seq)
-            content = PREFIX + b2a(blob, newline=False).decode()
+            content: Any = head + nonce + encrypt(nonce, text.encode(), base + b"%d:c" % seq)
+            if not binary:
+                content = PREFIX + b2a(content, newline=False).decode()
+            metadata: Any = None
             if meta is not None:
                 nonce = nonces[at : at + _NONCE]
                 at += _NONCE
-                blob = key_id + nonce + encrypt(nonce, meta.encode(), base + b"%d:m" % seq)
-                meta = _META_HEAD + b2a(blob, newline=False).decode() + _META_TAIL
-            add(message_from_row(seq, mid, role, content, created, updated, meta))
+                metadata = head + nonce + encrypt(nonce, meta.encode(), base + b"%d:m" % seq)
+                if not binary:
+                    metadata = _META_HEAD + b2a(metadata, newline=False).decode() + _META_TAIL
+            if all_appended or seq in appended:
+                # `m` is the message of this row, and was never edited: its times are equal.
+                add(new_message(sid, mid, seq, role, content, m.created_at, created, metadata))
+            else:
+                add(message_from_row(seq, mid, role, content, created, updated, metadata))
         sealed.append(SessionDelta(new_record, tuple(messages), delta.message_count, delta.truncate_after))
     return sealed
 
@@ -902,13 +947,15 @@ def _best(row: SearchRow) -> tuple[float, int, str, int]:
     return (row.rank, *_newest(row))
 
 
-def _seq_of(row: MessageRow) -> int:
-    return row[1]
-
-
-def _key_id_of(value: str | None, session_id: str) -> bytes | None:
-    """The key id an encrypted text names (None: not encrypted)."""
-    if value is None or not value.startswith(PREFIX):
+def _key_id_of(value: str | bytes | None, session_id: str) -> bytes | None:
+    """The key id an encrypted value names (None: not encrypted)."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        if len(value) < _BLOB_HEAD + 16 or value[0] != _BLOB_V1:
+            raise DecryptionError(session_id, "a stored value is not valid ciphertext")
+        return value[1 : 1 + _KEY_ID]
+    if not value.startswith(PREFIX):
         return None
     try:
         return binascii.a2b_base64(value[len(PREFIX) : len(PREFIX) + _KID_CHARS])[:_KEY_ID]
@@ -916,18 +963,35 @@ def _key_id_of(value: str | None, session_id: str) -> bytes | None:
         raise DecryptionError(session_id, "a stored value is not valid ciphertext") from None
 
 
-def _decrypt(blob_b64: str, ciphers: dict[bytes, _Cipher], aad: bytes, session_id: str, what: str) -> bytes:
-    try:
-        blob = binascii.a2b_base64(blob_b64, strict_mode=True)
-    except binascii.Error:
-        raise DecryptionError(
-            session_id, f"{what} is not valid ciphertext (changed outside writebehind)"
-        ) from None
-    if len(blob) < _MIN_BLOB:
-        raise DecryptionError(
-            session_id, f"{what} is too short to be ciphertext (changed outside writebehind)"
-        )
-    key_id = blob[:_KEY_ID]
+def _decrypt(
+    value: str | bytes, ciphers: dict[bytes, _Cipher], aad: bytes, session_id: str, what: str, seq: int = 0
+) -> bytes:
+    """`value` decrypted: the bytes form, or the text form's base64 (its prefix taken off).
+    `what` names the value in an error (`%d`: the message's `seq`)."""
+    if isinstance(value, bytes):
+        if len(value) < 1 + _MIN_BLOB:
+            raise DecryptionError(
+                session_id, f"{_what(what, seq)} is too short to be ciphertext (changed outside writebehind)"
+            )
+        if value[0] != _BLOB_V1:
+            raise DecryptionError(
+                session_id,
+                f"{_what(what, seq)} is ciphertext of an unknown version ({value[0]}): written by a newer "
+                "writebehind, or changed outside writebehind",
+            )
+        key_id, nonce, data = value[1 : 1 + _KEY_ID], value[1 + _KEY_ID : _BLOB_HEAD], value[_BLOB_HEAD:]
+    else:
+        try:
+            blob = binascii.a2b_base64(value, strict_mode=True)
+        except binascii.Error:
+            raise DecryptionError(
+                session_id, f"{_what(what, seq)} is not valid ciphertext (changed outside writebehind)"
+            ) from None
+        if len(blob) < _MIN_BLOB:
+            raise DecryptionError(
+                session_id, f"{_what(what, seq)} is too short to be ciphertext (changed outside writebehind)"
+            )
+        key_id, nonce, data = blob[:_KEY_ID], blob[_KEY_ID:_HEAD], blob[_HEAD:]
     try:
         cipher = ciphers[key_id]
     except KeyError:
@@ -935,24 +999,44 @@ def _decrypt(blob_b64: str, ciphers: dict[bytes, _Cipher], aad: bytes, session_i
     if cipher is None:
         raise _Shredded
     try:
-        return cipher.decrypt(blob[_KEY_ID:_HEAD], blob[_HEAD:], aad)
+        return cipher.decrypt(nonce, data, aad)
     except InvalidTag:
         raise DecryptionError(
-            session_id, f"{what} does not decrypt: changed, or moved from another row, field or user"
+            session_id,
+            f"{_what(what, seq)} does not decrypt: changed, or moved from another row, field or user",
         ) from None
 
 
-def _open_title(title: str | None, ciphers: dict[bytes, _Cipher], owner: str, session_id: str) -> str | None:
-    if title is None or not title.startswith(PREFIX):
+def _what(what: str, seq: int) -> str:
+    return what % seq if "%d" in what else what
+
+
+def _open_title(
+    title: str | bytes | None, ciphers: dict[bytes, _Cipher], owner: str, session_id: str
+) -> str | None:
+    if isinstance(title, bytes):
+        sealed: str | bytes = title
+    elif title is None or not title.startswith(PREFIX):
         return title  # written before encryption was turned on
-    data = _decrypt(
-        title[len(PREFIX) :], ciphers, _aad_base(owner, session_id) + b"title", session_id, "the title"
-    )
+    else:
+        sealed = title[len(PREFIX) :]
+    data = _decrypt(sealed, ciphers, _aad_base(owner, session_id) + b"title", session_id, "the title")
     if data[:1] == _TITLE_NONE and len(data) == 1:
         return None
     if data[:1] != _TITLE_TEXT:
         raise DecryptionError(session_id, "the title decrypts to an unknown form")
     return data[1:].decode()
+
+
+def _open_text(
+    value: str | bytes | None, ciphers: dict[bytes, _Cipher], aad: bytes, session_id: str, what: str
+) -> str | None:
+    """A client IP or user agent, decrypted if it was stored encrypted."""
+    if isinstance(value, bytes):
+        return _decrypt(value, ciphers, aad, session_id, what).decode()
+    if value is None or not value.startswith(PREFIX):
+        return value
+    return _decrypt(value[len(PREFIX) :], ciphers, aad, session_id, what).decode()
 
 
 def _open_record(record: SessionRecord, ciphers: dict[bytes, _Cipher]) -> SessionRecord:
@@ -963,29 +1047,32 @@ def _open_record(record: SessionRecord, ciphers: dict[bytes, _Cipher]) -> Sessio
     owner = _owner(record.user_id)
     base = _aad_base(owner, sid)
     title = _open_title(record.title, ciphers, owner, sid)
-    client_ip, user_agent = record.client_ip, record.user_agent
-    if client_ip is not None and client_ip.startswith(PREFIX):
-        client_ip = _decrypt(
-            client_ip[len(PREFIX) :], ciphers, base + b"client_ip", sid, "the client IP"
-        ).decode()
-    if user_agent is not None and user_agent.startswith(PREFIX):
-        user_agent = _decrypt(
-            user_agent[len(PREFIX) :], ciphers, base + b"user_agent", sid, "the user agent"
-        ).decode()
+    client_ip = _open_text(record.client_ip, ciphers, base + b"client_ip", sid, "the client IP")
+    user_agent = _open_text(record.user_agent, ciphers, base + b"user_agent", sid, "the user agent")
     messages: list[StoredMessage] = []
+    # Any: what a row holds is str or bytes, whatever `StoredMessage` says of its fields.
+    content: Any
+    meta: Any
     for m in record.messages:
         content, meta = m.content, m.metadata_json
-        plain_content = not content.startswith(PREFIX)
-        plain_meta = meta is None or not meta.startswith(_META_HEAD)
-        if plain_content and plain_meta:
-            messages.append(m)  # written before encryption was turned on
-            continue
         seq = m.seq
-        if not plain_content:
+        opened = False
+        if isinstance(content, bytes):
             content = _decrypt(
-                content[len(PREFIX) :], ciphers, base + b"%d:c" % seq, sid, f"message {seq}'s content"
+                content, ciphers, base + b"%d:c" % seq, sid, "message %d's content", seq
             ).decode()
-        if meta is not None and not plain_meta:
+            opened = True
+        elif content.startswith(PREFIX):
+            content = _decrypt(
+                content[len(PREFIX) :], ciphers, base + b"%d:c" % seq, sid, "message %d's content", seq
+            ).decode()
+            opened = True
+        if meta is None:
+            pass
+        elif isinstance(meta, bytes):
+            meta = _decrypt(meta, ciphers, base + b"%d:m" % seq, sid, "message %d's metadata", seq).decode()
+            opened = True
+        elif meta.startswith(_META_HEAD):
             if not meta.endswith(_META_TAIL):
                 raise DecryptionError(sid, f"message {seq}'s metadata is not valid ciphertext")
             meta = _decrypt(
@@ -993,8 +1080,13 @@ def _open_record(record: SessionRecord, ciphers: dict[bytes, _Cipher]) -> Sessio
                 ciphers,
                 base + b"%d:m" % seq,
                 sid,
-                f"message {seq}'s metadata",
+                "message %d's metadata",
+                seq,
             ).decode()
+            opened = True
+        if not opened:
+            messages.append(m)  # written before encryption was turned on
+            continue
         messages.append(message_from_row(seq, m.id, m.role, content, m.created_us, m.updated_us, meta))
     return replace(record, title=title, client_ip=client_ip, user_agent=user_agent, messages=tuple(messages))
 

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import orjson
 
+from .branches import Branches
 from .errors import WriteBehindError
 from .model import SessionRecord, StoredMessage, UserId, from_micros, to_micros
 
@@ -82,6 +83,7 @@ class Replica:
 
     user_id: UserId | None = None
     messages: list[StoredMessage] = field(default_factory=list)
+    branches: Branches | None = None  # as loaded: a change of them is sent as a resync
     owner: int | None = None
     loading: bool = True  # between the `follow` request and the load's end: buffer
     stale: bool = True  # load it again before the next read
@@ -219,17 +221,22 @@ class Relay:
         transport: Transport,
         peek: Callable[[str], Sequence[StoredMessage] | None],
         *,
+        branches_of: Callable[[str], Branches | None] = lambda _: None,
         poll_s: float = 0.5,
         quiet_s: float = 2.0,
     ) -> None:
         self._transport = transport
         self._peek = peek
+        self._branches_of = branches_of
         self.signal_handlers: list[Callable[[str, str], None]] = []
         self._poll = poll_s
         self._quiet = quiet_s
         # owner side
         self.followers: dict[str, set[int]] = {}
         self._sent: dict[str, list[StoredMessage]] = {}
+        # The branches followers were last sent (with a load or a resync): deltas carry
+        # messages only, so an alternative started or switched to is sent as a resync.
+        self._sent_branches: dict[str, Branches | None] = {}
         self._marked: dict[str, int] = {}
         self._resyncs: dict[str, set[int]] = {}
         self._wake = asyncio.Event()
@@ -270,6 +277,7 @@ class Relay:
         if session_id not in self._sent:
             messages = self._peek(session_id)
             self._sent[session_id] = list(messages) if messages is not None else []
+            self._sent_branches[session_id] = self._branches_of(session_id)
 
     def unfollowed(self, session_id: str, follower: int) -> None:
         followers = self.followers.get(session_id)
@@ -298,6 +306,7 @@ class Relay:
     def _forget(self, session_id: str) -> None:
         self.followers.pop(session_id, None)
         self._sent.pop(session_id, None)
+        self._sent_branches.pop(session_id, None)
         self._marked.pop(session_id, None)
 
     async def _publish(self) -> None:
@@ -321,8 +330,14 @@ class Relay:
             messages = self._peek(sid)
             if not followed or sent is None or messages is None:
                 continue
-            payloads = encode_changes(messages, sent, seq - 1)
+            branches = self._branches_of(sid)
+            payloads = (
+                None
+                if branches != self._sent_branches.get(sid)
+                else encode_changes(messages, sent, seq - 1)
+            )
             if payloads is None:
+                self._sent_branches[sid] = branches
                 self._sent[sid] = list(messages)
                 payloads = [""]
             self._sent_messages += len(payloads)
@@ -378,6 +393,7 @@ class Relay:
         replica = self._replicas.setdefault(session_id, Replica())
         replica.user_id, replica.owner = record.user_id, owner
         replica.messages = list(record.messages)
+        replica.branches = record.branches
         replica.stale = False
         for payload in replica.buffered:
             if not apply_changes(replica.messages, payload):

@@ -7,12 +7,17 @@ kept as it is; this writer's messages that the winner does not have are appended
 after the winner's, in their order, with new `seq` numbers; a message both have
 takes the more recently updated content. Nothing is dropped; what moved is counted
 so that the caller can log it.
+
+Branches (`branches.py`) are the winner's: this writer's messages follow the winner's last
+message as one line, which ends the active path (an alternative this writer started is
+kept as messages, in that line, rather than guessed onto the winner's tree).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from .branches import normalized
 from .model import SessionRecord, StoredMessage
 
 __all__ = ["Merged", "merge_sessions"]
@@ -47,6 +52,9 @@ def merge_sessions(winner: SessionRecord, mine: SessionRecord) -> Merged:
             messages[i] = replace(message, seq=messages[i].seq)
             updated += 1
     newer = mine if mine.updated_at >= winner.updated_at else winner
+    branches = winner.branches
+    if branches is not None and appended:
+        branches = normalized(branches.parents, None, len(messages))
     record = replace(
         mine,
         user_id=winner.user_id,
@@ -57,5 +65,6 @@ def merge_sessions(winner: SessionRecord, mine: SessionRecord) -> Merged:
         title=newer.title,
         messages=tuple(messages),
         version=winner.version,
+        branches=branches,
     )
     return Merged(record, appended, resequenced, updated)

@@ -22,6 +22,7 @@ from typing import Any, Final
 
 import orjson
 
+from .branches import Branches, active_path, normalized, siblings
 from .errors import ValidationError
 
 __all__ = [
@@ -427,6 +428,21 @@ class SessionRecord:
     # The stored row's version as last read or written (0: never stored). Several app
     # instances on one database use it to detect each other's writes.
     version: int = field(default=0, compare=False)
+    # Where the messages branch (an edit, a regenerated reply) and the active path; None
+    # for a session that never branched (see `branches.py`). `messages` holds them all.
+    branches: Branches | None = None
+
+    @property
+    def path(self) -> tuple[StoredMessage, ...]:
+        """The messages of the active path: `messages` unless the session branched."""
+        if self.branches is None:
+            return self.messages
+        return tuple(active_path(self.messages, self.branches))
+
+    def alternatives(self, seq: int) -> tuple[int, ...]:
+        """The seqs of message `seq` and its siblings, in order (`(seq,)` if it has none): a
+        page's "< 2/3 >". O(messages)."""
+        return tuple(siblings(self.branches, len(self.messages), (seq,)).get(seq, (seq,)))
 
 
 class _RecordDraft:
@@ -452,6 +468,7 @@ def session_record(
     user_binding_token: str | None,
     csrf_token: str | None,
     version: int,
+    branches: Branches | None = None,
 ) -> SessionRecord:
     """`SessionRecord(...)` of trusted values (the hot tier's), every field given."""
     r: Any = _RecordDraft()
@@ -468,6 +485,7 @@ def session_record(
     r.user_binding_token = user_binding_token
     r.csrf_token = csrf_token
     r.version = version
+    r.branches = branches
     _BECOME(r, "__class__", SessionRecord)
     record: SessionRecord = r
     return record
@@ -618,8 +636,11 @@ def _parse_ts(value: str) -> datetime:
 
 
 def encode_record(record: SessionRecord) -> dict[str, Any]:
-    """A JSON-able dict of the record, secrets left out by construction."""
-    return {
+    """A JSON-able dict of the record, secrets left out by construction. Every branch is
+    in it: a session that branched gives each message its `parent_seq` and names the end
+    of its active path (`active_seq`)."""
+    branches = record.branches
+    data: dict[str, Any] = {
         "id": record.id,
         "user_id": record.user_id,
         "created_at": _ts(record.created_at),
@@ -642,9 +663,19 @@ def encode_record(record: SessionRecord) -> dict[str, Any]:
             for m in record.messages
         ],
     }
+    if branches is not None:
+        data["active_seq"] = branches.active or len(record.messages)
+        for m in data["messages"]:
+            m["parent_seq"] = branches.parent(m["seq"])
+    return data
 
 
 def decode_record(data: dict[str, Any]) -> SessionRecord:
+    branches = None
+    if "active_seq" in data:
+        branches = normalized(
+            {m["seq"]: m["parent_seq"] for m in data["messages"]}, data["active_seq"], len(data["messages"])
+        )
     return SessionRecord(
         id=data["id"],
         user_id=data["user_id"],
@@ -667,6 +698,7 @@ def decode_record(data: dict[str, Any]) -> SessionRecord:
             )
             for m in data["messages"]
         ),
+        branches=branches,
     )
 
 

@@ -20,6 +20,7 @@ from typing import Any, Final
 
 from cachetools import LRUCache
 
+from .branches import Branches, active_leaf, active_path, leaf_below, normalized
 from .errors import NotFound, ValidationError
 from .model import (
     Metadata,
@@ -73,6 +74,7 @@ class Entry:
 
     __slots__ = (
         "binding_token",
+        "branches",
         "client_ip",
         "created_at",
         "csrf_token",
@@ -105,6 +107,7 @@ class Entry:
         self.binding_token = record.user_binding_token
         self.csrf_token = record.csrf_token
         self.version = record.version
+        self.branches = record.branches
         # The last_access_at the database holds (None: not stored yet). Reads move
         # last_access_at in memory; it is persisted only once it has moved far enough.
         self.disk_access_at: datetime | None = record.last_access_at if record.version else None
@@ -135,7 +138,15 @@ class Entry:
             self.binding_token,
             self.csrf_token,
             self.version,
+            self.branches,
         )
+
+    def window(self, after_seq: int, limit: int | None) -> tuple[StoredMessage, ...]:
+        """Up to `limit` messages of the active path with `seq > after_seq`."""
+        if self.branches is None:
+            return tuple(self.messages[after_seq : None if limit is None else after_seq + limit])
+        path = active_path(self.messages, self.branches, after_seq)
+        return tuple(path if limit is None else path[:limit])
 
     def summary(self) -> SessionSummary:
         return SessionSummary(
@@ -461,10 +472,11 @@ class SessionStore:
         limit: int | None = None,
         binding_token: str | None = None,
     ) -> tuple[StoredMessage, ...]:
-        """Messages with `seq > after_seq`, in order (what an SSE client missed)."""
+        """The messages of the active path (every message, unless the session branched)
+        with `seq > after_seq`, in order (what an SSE client missed)."""
         start, stop = check_window(after_seq, limit)
         session = self.owned(session_id, user_id, binding_token)
-        return tuple(session.messages[start : None if stop is None else start + stop])
+        return session.window(start, stop)
 
     async def append_message(
         self,
@@ -477,10 +489,14 @@ class SessionStore:
         metadata: Metadata | None = None,
         binding_token: str | None = None,
         durable: bool = False,
+        parent_seq: int | None = None,
     ) -> StoredMessage:
-        """Append a message; its `seq` is one more than the last one's."""
+        """Append a message; its `seq` is one more than the last one's. It follows the end
+        of the active path, or `parent_seq` (0: at the start) to start an alternative: an
+        edited question is appended with the parent of the one it replaces, a regenerated
+        reply with the question's seq. The new message ends the active path."""
         message: StoredMessage = self.do_append(
-            session_id, user_id, role, content, message_id, metadata, binding_token
+            session_id, user_id, role, content, message_id, metadata, binding_token, parent_seq
         )[3]
         return message
 
@@ -492,10 +508,28 @@ class SessionStore:
         binding_token: str | None = None,
         durable: bool = False,
     ) -> StoredMessage | None:
-        """Remove the session's last message and return it (None if it has none). Its `seq`
-        is the next append's: seqs stay 1, 2, 3… with no gap."""
+        """Remove the last message of the active path and return it (None if there is
+        none). The session's last message is deleted, and its `seq` is the next append's:
+        seqs stay 1, 2, 3… with no gap. In a session whose active path ends before its last
+        message (an older alternative was chosen) the path's end is only taken off the
+        path; it stays stored as an alternative. Either way the path now ends at the
+        popped message's parent, where the next append goes."""
         message: StoredMessage | None = self.do_pop(session_id, user_id, binding_token)[3]
         return message
+
+    async def switch_branch(
+        self,
+        session_id: str,
+        seq: int,
+        *,
+        user_id: UserId | None,
+        binding_token: str | None = None,
+        durable: bool = False,
+    ) -> tuple[StoredMessage, ...]:
+        """Make the active path go through message `seq` (an alternative "< 2/3 >"), on to
+        its most recent continuation; returns the new active path. Writes one row."""
+        path: tuple[StoredMessage, ...] = self.do_switch(session_id, user_id, seq, binding_token)[3]
+        return path
 
     async def update_message(
         self,
@@ -672,21 +706,33 @@ class SessionStore:
         message_id: str | None,
         metadata: Metadata | None,
         binding_token: str | None,
+        parent_seq: int | None = None,
     ) -> Applied:
         role = check_role(role)
         size = content_size(content, self.max_message_bytes)
         mid = None if message_id is None else check_id("message_id", message_id)
         metadata_json = check_metadata(metadata)
         session = self.owned(session_id, user_id, binding_token, touch=False)
+        count = len(session.messages)
+        if parent_seq is not None:
+            _check_seq("parent_seq", parent_seq, 0, count, session.id)
         if mid is None:
             mid = new_id()
         elif mid in session.index:
             raise ValidationError("message_id", f"{mid!r} already exists in session {session.id!r}")
+        old = session.branches
+        parent = active_leaf(old, count) if parent_seq is None else parent_seq
+        if parent != count:
+            # A branch point: a new (small) `Branches`, one pair per branch point. An append
+            # after the last message, every ordinary one, leaves them as they are.
+            parents = dict(old.parents) if old is not None else {}
+            parents[count + 1] = parent
+            session.branches = Branches(parents)
+        elif old is not None and old.active is not None:
+            session.branches = normalized(old.parents, None, count + 1)  # the path ends here now
         now = self._clock()
         self._touch(session, now)
-        message = new_message(
-            session.id, mid, len(session.messages) + 1, role, content, now, to_micros(now), metadata_json
-        )
+        message = new_message(session.id, mid, count + 1, role, content, now, to_micros(now), metadata_json)
         session.sizes[mid] = size
         session.index[mid] = len(session.messages)
         session.messages.append(message)
@@ -702,11 +748,45 @@ class SessionStore:
         self._touch(session, now)
         if not session.messages:
             return session, None, False, None
+        branches = session.branches
+        if branches is not None and branches.active is not None:
+            # The active path ends before the last message (an older alternative was chosen):
+            # its end leaves the path, and stays stored as an alternative, since removing a
+            # message other than the last would leave a gap in the seqs.
+            leaf = branches.active
+            if leaf == 0:
+                return session, None, False, None
+            session.branches = normalized(branches.parents, branches.parent(leaf), len(session.messages))
+            session.updated_at = now
+            return session, None, False, session.messages[leaf - 1]
         message = session.messages.pop()
         del session.index[message.id]
         session.sizes.pop(message.id, None)
         session.updated_at = now
+        if branches is not None:
+            # The path that ended at the popped message now ends at its parent.
+            session.branches = normalized(
+                branches.parents, branches.parent(message.seq), len(session.messages)
+            )
         return session, None, False, message
+
+    def do_switch(
+        self, session_id: str, user_id: UserId | None, seq: int, binding_token: str | None
+    ) -> Applied:
+        """The session row is to be written if the active path moved (a switch to where it
+        is already is no write)."""
+        session = self.owned(session_id, user_id, binding_token, touch=False)
+        count = len(session.messages)
+        _check_seq("seq", seq, 1, count, session.id)
+        old = session.branches
+        leaf = leaf_below(old, count, seq)
+        branches = None if old is None else normalized(old.parents, leaf, count)
+        now = self._clock()
+        self._touch(session, now)
+        if branches != old:
+            session.branches = branches
+            session.updated_at = now
+        return session, None, False, session.window(0, None)
 
     def do_update_message(
         self,
@@ -814,3 +894,14 @@ class SessionStore:
     def _touch(self, session: Entry, now: datetime | None = None) -> None:
         session.last_access_at = self._clock() if now is None else now
         self._tier.touched(session)
+
+
+def _check_seq(field_name: str, value: object, low: int, high: int, session_id: str) -> int:
+    """A message position in a session: an int from `low` to `high`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(field_name, f"must be an int, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValidationError(
+            field_name, f"must be from {low} to {high} (the messages of session {session_id!r}), got {value}"
+        )
+    return value

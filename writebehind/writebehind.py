@@ -54,11 +54,13 @@ from typing import Any, Final, Self, cast
 
 from .backends.base import Backend, RecordError, SearchableBackend, SessionDelta
 from .backups import BackupScheduler
+from .branches import Branches, active_path
 from .config import Config
 from .dirty import DirtyIndex, Taken
 from .errors import (
     BackPressureError,
     ClosedError,
+    ConfigError,
     NotFound,
     OwnershipError,
     StorageError,
@@ -233,6 +235,15 @@ class WriteBehindStore:
             from .encryption import encrypted_backend
 
             backend = encrypted_backend(backend, config)
+        elif config.db_url is None:
+            # A file whose data keys exist holds ciphertext: served without its key, its
+            # messages would come back as bytes, and new ones be written in the clear.
+            keys = config.encryption_keys_path or config.db_path.with_name(config.db_path.name + ".keys")
+            if keys.exists():
+                raise ConfigError(
+                    f"CHAT_SESSION_ENCRYPTION_KEY: {config.db_path} is encrypted (its keys are in "
+                    f"{keys}); set the key (or CHAT_SESSION_ENCRYPTION_KEY_FILE) to open it"
+                )
         # The recovery file: CHAT_SESSION_RECOVERY_PATH, else beside the SQLite file (for
         # PostgreSQL: beside db_path, on this machine).
         return cls(
@@ -277,7 +288,9 @@ class WriteBehindStore:
             raise
         attach = getattr(self._ownership, "attach", None)
         if attach is not None:
-            self._relay = Relay(cast(Transport, self._ownership), self._peek_messages)
+            self._relay = Relay(
+                cast(Transport, self._ownership), self._peek_messages, branches_of=self._peek_branches
+            )
             self._relay.signal_handlers = self._signal_handlers
             attach(self._relay)
             self._relay.start()
@@ -793,15 +806,16 @@ class WriteBehindStore:
             elsewhere = await self._ready(session_id, user_id, reading=True)
         start, count = check_window(after_seq, limit)
         if elsewhere is not None:
-            messages = self._read_elsewhere(session_id, user_id, elsewhere).messages
-            return messages[start : None if count is None else start + count]
+            record = self._read_elsewhere(session_id, user_id, elsewhere)
+            path = active_path(record.messages, record.branches, start)
+            return tuple(path if count is None else path[:count])
         session = self._hot.owned(session_id, user_id, binding_token)
         self._dirty.touch(session)
         # DEBUG: a streaming client reads a session once a token; `get_session`, exports and
         # erasures are the INFO-level record of who read what.
         if ACCESS.isEnabledFor(logging.DEBUG):
             ACCESS.debug("read messages session=%s user=%s after_seq=%s", session_id, user_id, after_seq)
-        return tuple(session.messages[start : None if count is None else start + count])
+        return session.window(start, count)
 
     async def append_message(
         self,
@@ -814,7 +828,10 @@ class WriteBehindStore:
         metadata: Metadata | None = None,
         binding_token: str | None = None,
         durable: bool = False,
+        parent_seq: int | None = None,
     ) -> StoredMessage:
+        """Append a message after the end of the active path, or after `parent_seq` to
+        start an alternative (see `SessionStore.append_message`)."""
         message: StoredMessage = await self._write(
             session_id,
             user_id,
@@ -826,6 +843,7 @@ class WriteBehindStore:
             message_id,
             metadata,
             binding_token,
+            parent_seq,
         )
         return message
 
@@ -837,10 +855,13 @@ class WriteBehindStore:
         binding_token: str | None = None,
         durable: bool = False,
     ) -> StoredMessage | None:
-        """Remove the session's last message and return it (None if it has none).
+        """Remove the last message of the active path and return it (None if there is none).
 
-        Its `seq` is re-used by the next append, so seqs stay gap-free; an SSE client that
-        had the popped message must be told to drop it (its event id now names another).
+        The session's last message is deleted and its `seq` is re-used by the next append,
+        so seqs stay gap-free; an SSE client that had the popped message must be told to
+        drop it (its event id now names another). In a session whose active path ends
+        before its last message, the path's end only leaves the path (see
+        `SessionStore.pop_message`).
         Acknowledged from memory like any write; with `durable=True` it returns once the
         message is gone from disk too.
         """
@@ -849,11 +870,28 @@ class WriteBehindStore:
         )
         return message
 
+    async def switch_branch(
+        self,
+        session_id: str,
+        seq: int,
+        *,
+        user_id: UserId | None,
+        binding_token: str | None = None,
+        durable: bool = False,
+    ) -> tuple[StoredMessage, ...]:
+        """Make the active path go through message `seq`, on to its most recent
+        continuation, and return it. Writes the session row only (nothing is copied)."""
+        path: tuple[StoredMessage, ...] = await self._write(
+            session_id, user_id, durable, self._hot.do_switch, user_id, seq, binding_token
+        )
+        return path
+
     def _do_pop(self, session_id: str, user_id: UserId | None, binding_token: str | None) -> Applied:
         """`SessionStore.do_pop`, and the dirty index told what to delete on disk."""
         applied = self._hot.do_pop(session_id, user_id, binding_token)
         entry, _, _, message = applied
-        if message is not None and self._persists(entry):
+        # Only a message that left the session is deleted on disk (see `SessionStore.pop_message`).
+        if message is not None and message.seq > len(entry.messages) and self._persists(entry):
             self._dirty.truncate(entry.id, message.seq - 1)
         return applied
 
@@ -1166,6 +1204,10 @@ class WriteBehindStore:
         entry = self._tier.peek(session_id)
         return None if entry is None or not self._persists(entry) else entry.messages
 
+    def _peek_branches(self, session_id: str) -> Branches | None:
+        entry = self._tier.peek(session_id)
+        return None if entry is None else entry.branches
+
     def on_signal(self, handler: Callable[[str, str], None]) -> None:
         """Call `handler(session_id, name)` when another instance `signal()`s a session kept
         here (with one instance per database nothing ever arrives)."""
@@ -1224,7 +1266,7 @@ class WriteBehindStore:
                     raise NotFound(sid)
                 view.remote = True
                 check_window(after_seq, None)
-                return tuple(replica.messages[after_seq:])
+                return tuple(active_path(replica.messages, replica.branches, after_seq))
             record = await self._ready(sid, view.user_id, reading=True, follow=True)
             if record is None:
                 break  # kept here now (or nowhere: NotFound below)

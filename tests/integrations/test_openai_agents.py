@@ -571,3 +571,29 @@ async def test_the_store_is_closed_cleanly_by_a_new_user_typing_the_readme_examp
     async with WriteBehindStore.from_config(Config(db_path=db_path)) as store:
         items_back = await WriteBehindSession("conversation-1", store, user_id=42).get_items()
     assert [i.get("role") for i in items_back] == ["user", "assistant"]
+
+
+async def test_a_session_the_app_branched_is_read_along_its_active_path(make_store: StoreFactory) -> None:
+    """An app that offers "regenerate" stores the new answer as an alternative: the agent
+    sees the active path only, pops its end and appends after it."""
+    store = await make_store()
+    session = WriteBehindSession("c1", store, user_id=1)
+    await session.add_items(items(0, 3))  # seqs 1, 2, 3
+    await store.append_message("c1", user_id=1, role="assistant", content="another answer 🌏", parent_seq=2)
+    assert await session.get_items() == [
+        item(0),
+        item(1),
+        {"role": "assistant", "content": "another answer 🌏"},
+    ]
+    assert await session.get_items(limit=2) == [
+        item(1),
+        {"role": "assistant", "content": "another answer 🌏"},
+    ]
+    await store.switch_branch("c1", 3, user_id=1)
+    assert await session.get_items(limit=1) == [item(2)]
+    assert await session.pop_item() == item(2)  # off the path; kept as an alternative
+    assert await session.get_items() == [item(0), item(1)]
+    await session.add_items(items(5, 1))
+    assert await session.get_items() == [item(0), item(1), item(5)]
+    record = await store.get_session("c1", user_id=1)
+    assert [m.seq for m in record.path] == [1, 2, 5] and record.alternatives(5) == (3, 4, 5)

@@ -187,3 +187,26 @@ async def test_a_pop_on_the_owner_reaches_its_followers(schema: str) -> None:
             await a.append_message("popped", user_id=USER, role="assistant", content="3 again")
             got = await _wait(follower, view, lambda ms: len(ms) == 3)
             assert [m.content for m in got] == ["one", "two ✓", "3 again"]
+
+
+async def test_a_follower_sees_the_active_path_through_a_regenerate_and_a_switch(schema: str) -> None:
+    """Deltas carry messages; a new alternative or a switch on the owner reaches followers
+    as a resync, so a follower never shows a mixed path."""
+    async with store_on(schema) as a, store_on(schema) as b:
+        await a.ensure_session("s3", user_id=USER)
+        await a.append_message("s3", user_id=USER, role="user", content="question 你好")
+        async with a.hold("s3"):
+            first = await a.append_message("s3", user_id=USER, role="assistant", content="answer one 👋🏽")
+            follower = Follower()
+            async with b.follow("s3", user_id=USER, on_change=follower) as view:
+                assert [m.seq for m in await view.messages(0)] == [1, 2]
+                again = await a.append_message(
+                    "s3", user_id=USER, role="assistant", content="", parent_seq=1, metadata={"done": False}
+                )
+                await a.update_message("s3", again.id, user_id=USER, append="answer two e\u0301")
+                got = await _wait(follower, view, lambda ms: [m.seq for m in ms] == [1, 3] and ms[-1].content)
+                assert [m.content for m in got] == ["question 你好", "answer two e\u0301"]
+                await a.switch_branch("s3", first.seq, user_id=USER)
+                got = await _wait(follower, view, lambda ms: [m.seq for m in ms] == [1, 2])
+                assert got[-1].content == "answer one 👋🏽"
+                assert [m.seq for m in await view.messages(1)] == [2]

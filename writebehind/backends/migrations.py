@@ -53,5 +53,11 @@ _INITIAL: Final[tuple[str, ...]] = (
 # transaction; measured on 1,000,000 messages of 10,000 users it made the flush 25x slower
 # (4% of the flush without it), each erasure on SQLite < 3.42 had to rebuild it (40 s), and
 # a scan of the user's own rows answered queries faster (p99 0.44 vs 2.2 ms): search scans
-# the user's rows (`SQLiteBackend.search`). It never shipped; the version stays 1.
-SQLITE: Final[tuple[str, ...]] = _INITIAL
+# the user's rows (`SQLiteBackend.search`). It never shipped.
+#
+# 2: where a session's messages branch (an edit, a regenerated reply) and its active path,
+# a small JSON value on the session row, NULL for a session that never branched (see
+# writebehind/branches.py). Adding a nullable column rewrites nothing.
+_BRANCHES: Final = "ALTER TABLE sessions ADD COLUMN branches TEXT;"
+
+SQLITE: Final[tuple[str, ...]] = (*_INITIAL, _BRANCHES)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
 
+from ..branches import Branches
 from ..errors import SchemaError, StorageError
 from ..model import SessionRecord, SessionSummary, StoredMessage, UserId
 from ..search import SearchRow
@@ -86,6 +87,11 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     );
     CREATE INDEX owners_owner ON {s}.owners (owner);
     """,
+    # 3: where a session's messages branch and its active path (writebehind/branches.py),
+    # NULL for a session that never branched.
+    """
+    ALTER TABLE {s}.sessions ADD COLUMN branches text;
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -131,13 +137,14 @@ class PostgresBackend:
         s = schema
         columns = (
             "id, user_kind, user_id, created_at, updated_at, last_access_at, status, title, "
-            "client_ip, user_agent, message_count, version"
+            "client_ip, user_agent, message_count, version, branches"
         )
         self._insert_sessions = f"""
             INSERT INTO {s}.sessions ({columns})
             SELECT * FROM unnest($1::text[], $2::smallint[], $3::text[], $4::timestamptz[],
                                  $5::timestamptz[], $6::timestamptz[], $7::text[], $8::text[],
-                                 $9::text[], $10::text[], $11::integer[], $12::bigint[])
+                                 $9::text[], $10::text[], $11::integer[], $12::bigint[],
+                                 $13::text[])
             ON CONFLICT (id) DO NOTHING
             RETURNING id"""
         # The whole of an ordinary batch (no pops, no read touches) as one statement: one
@@ -148,14 +155,15 @@ class PostgresBackend:
             WITH u AS (
                 SELECT * FROM unnest($1::text[], $2::smallint[], $3::text[], $4::timestamptz[],
                                      $5::timestamptz[], $6::timestamptz[], $7::text[], $8::text[],
-                                     $9::text[], $10::text[], $11::integer[], $12::bigint[])
+                                     $9::text[], $10::text[], $11::integer[], $12::bigint[],
+                                 $13::text[])
                     AS u(id, user_kind, user_id, created_at, updated_at, last_access_at, status,
-                         title, client_ip, user_agent, message_count, version)
+                         title, client_ip, user_agent, message_count, version, branches)
             ), updated AS (
                 UPDATE {s}.sessions AS t SET user_kind = u.user_kind, user_id = u.user_id,
                     updated_at = u.updated_at, last_access_at = u.last_access_at, status = u.status,
                     title = u.title, client_ip = u.client_ip, user_agent = u.user_agent,
-                    message_count = u.message_count, version = u.version
+                    message_count = u.message_count, version = u.version, branches = u.branches
                 FROM u WHERE t.id = u.id AND u.version > 1 AND t.version = u.version - 1
                 RETURNING t.id
             ), inserted AS (
@@ -167,8 +175,8 @@ class PostgresBackend:
             ), messages AS (
                 INSERT INTO {s}.messages
                     (session_id, seq, id, role, content, created_at, updated_at, metadata)
-                SELECT * FROM unnest($13::text[], $14::integer[], $15::text[], $16::text[], $17::text[],
-                                     $18::timestamptz[], $19::timestamptz[], $20::json[])
+                SELECT * FROM unnest($14::text[], $15::integer[], $16::text[], $17::text[], $18::text[],
+                                     $19::timestamptz[], $20::timestamptz[], $21::json[])
                     AS m(session_id, seq, id, role, content, created_at, updated_at, metadata)
                 WHERE m.session_id IN (SELECT id FROM written)
                 ON CONFLICT (session_id, seq) DO UPDATE SET
@@ -179,7 +187,7 @@ class PostgresBackend:
         self._update_session = f"""
             UPDATE {s}.sessions SET user_kind = $2, user_id = $3, updated_at = $5,
                 last_access_at = $6, status = $7, title = $8, client_ip = $9, user_agent = $10,
-                message_count = $11, version = $12
+                message_count = $11, version = $12, branches = $13
             WHERE id = $1 AND $4::timestamptz IS NOT NULL"""
         self._upsert_messages = f"""
             INSERT INTO {s}.messages (session_id, seq, id, role, content, created_at, updated_at, metadata)
@@ -190,11 +198,11 @@ class PostgresBackend:
                 metadata = excluded.metadata"""
         self._session_columns = (
             "id, user_kind, user_id, created_at, updated_at, last_access_at, status, title, "
-            "client_ip, user_agent, version"
+            "client_ip, user_agent, version, branches"
         )
         self._load_one = f"""
             SELECT s.id, s.user_kind, s.user_id, s.created_at, s.updated_at, s.last_access_at,
-                   s.status, s.title, s.client_ip, s.user_agent, s.version, m.seq,
+                   s.status, s.title, s.client_ip, s.user_agent, s.version, s.branches, m.seq,
                    m.id AS message_id, m.role, m.content, m.created_at AS message_created_at,
                    m.updated_at AS message_updated_at, m.metadata
             FROM {s}.sessions s LEFT JOIN {s}.messages m ON m.session_id = s.id
@@ -400,6 +408,7 @@ class PostgresBackend:
             r.user_agent,
             delta.message_count,
             r.version + 1,
+            None if r.branches is None else r.branches.encode(),
         )
 
     async def delete_session(self, session_id: str, user_id: UserId | None) -> bool:
@@ -637,6 +646,7 @@ def _record(row: Any, messages: tuple[StoredMessage, ...]) -> SessionRecord:
         client_ip=row["client_ip"],
         user_agent=row["user_agent"],
         version=row["version"],
+        branches=Branches.decode(row["branches"], f"session {row['id']!r}"),
     )
 
 

@@ -31,6 +31,7 @@ from typing import Any, Final, TypeVar
 import aiosqlite
 import orjson
 
+from ..branches import Branches
 from ..config import SYNCHRONOUS_MODES
 from ..errors import SchemaError, StorageError
 from ..model import (
@@ -59,13 +60,13 @@ _EXPORT_PAGE: Final = 50
 
 _UPSERT_SESSION: Final = """
 INSERT INTO sessions (id, user_id, created_at, updated_at, last_access_at, status, title,
-                      client_ip, user_agent, message_count, version)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                      client_ip, user_agent, message_count, version, branches)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (id) DO UPDATE SET
     user_id = excluded.user_id, updated_at = excluded.updated_at,
     last_access_at = excluded.last_access_at, status = excluded.status, title = excluded.title,
     client_ip = excluded.client_ip, user_agent = excluded.user_agent,
-    message_count = excluded.message_count, version = excluded.version
+    message_count = excluded.message_count, version = excluded.version, branches = excluded.branches
 """
 _UPSERT_MESSAGE: Final = """
 INSERT INTO messages (session_id, seq, id, role, content, created_at, updated_at, metadata)
@@ -79,7 +80,8 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 """
 _TOUCH: Final = "UPDATE sessions SET last_access_at = max(last_access_at, ?1) WHERE id = ?2"
 _SESSION_COLUMNS: Final = (
-    "id, user_id, created_at, updated_at, last_access_at, status, title, client_ip, user_agent, version"
+    "id, user_id, created_at, updated_at, last_access_at, status, title, client_ip, user_agent, version, "
+    "branches"
 )
 # One statement, so one snapshot: read apart, a migration committing in between would
 # show a version 0 file with tables, "someone else's database".
@@ -573,10 +575,20 @@ class SQLiteBackend:
         )
 
         def find(conn: sqlite3.Connection) -> list[SearchRow]:
+            # A BLOB is a value `EncryptedBackend` encrypted (its bytes form): never a match
+            # here (that backend searches by decrypting), and never an error.
             conn.create_function(
-                "wb_matches", 1, lambda content: matches(content, folded), deterministic=True
+                "wb_matches",
+                1,
+                lambda content: content.__class__ is str and matches(content, folded),
+                deterministic=True,
             )
-            conn.create_function("wb_rank", 1, lambda content: rank_of(content, folded), deterministic=True)
+            conn.create_function(
+                "wb_rank",
+                1,
+                lambda content: rank_of(content, folded) if content.__class__ is str else 0.0,
+                deterministic=True,
+            )
             with _snapshot(conn):
                 rows = conn.execute(
                     f"SELECT {_SEARCH_COLUMNS}, wb_rank(m.content) AS score "
@@ -760,6 +772,7 @@ def _session_row(delta: SessionDelta) -> tuple[Any, ...]:
         r.user_agent,
         delta.message_count,
         r.version + 1,
+        None if r.branches is None else r.branches.encode(),
     )
 
 
@@ -864,7 +877,7 @@ def _statements(script: str) -> list[str]:
 
 
 def _record(row: Any, messages: list[StoredMessage]) -> SessionRecord:
-    sid, user_id, created, updated, accessed, status, title, client_ip, user_agent, version = row
+    sid, user_id, created, updated, accessed, status, title, client_ip, user_agent, version, branches = row
     return SessionRecord(
         id=sid,
         user_id=user_id,
@@ -877,6 +890,7 @@ def _record(row: Any, messages: list[StoredMessage]) -> SessionRecord:
         client_ip=client_ip,
         user_agent=user_agent,
         version=version,
+        branches=Branches.decode(branches, f"session {sid!r}"),
     )
 
 

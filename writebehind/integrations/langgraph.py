@@ -739,7 +739,7 @@ class WriteBehindSaver(BaseCheckpointSaver[str]):
             )
         except NotFound:
             return
-        thread = _Thread.scan(record.messages)
+        thread = _Thread.scan(record.path)
         kept = survivors(thread)
         keep: set[str] = set()  # message ids that stay as they are
         read: set[tuple[str, str, str]] = set()
