@@ -9,17 +9,37 @@ the server's CPU time (user + sys, all its threads) per token delivered. The rat
 the median of each round's paired ratio (the two servers ran back to back; see
 paired.py for why). Target: p99 within 1.2x of the in-memory server.
 
-The demo responder's token delay sets the load. The in-memory server spends about 200 us
-of CPU a token, the write-behind one 250-350 us (its flush, and since full-text search
-the FTS5 triggers that re-index a growing reply at every flush); this VM's two cores are
-shared with the client process and whatever else runs, which left the server about half
-a core in our runs. At 600 ms, 1,000 streams ask for 1,667 tokens/s: 0.35-0.6 of a core,
-loaded, with p50 at the responder's pace on both sides. At 400 ms (2,500 tokens/s) the
-write-behind server fell behind whenever the VM was busy (p50 465 ms, not 400), and at
-100 ms (10,000 tokens/s) both do: tokens/s is then each server's ceiling (4,100 and
-3,200 in one run each, before the FTS5 triggers), and p99 measures a queue, not the
-store. The streams' pings are at the default 15 s (the e2e tests' 1 s would add 1,000
-events a second of pure overhead).
+The demo responder's token delay sets the load: at 600 ms, 1,000 streams ask for 1,667
+tokens/s, about a third of a core for either server, with p50 at the responder's pace on
+both sides. This VM's two cores are shared with the client process and whatever else runs
+(`machine_busy`, `other_cores`). At 100 ms (10,000 tokens/s) both servers saturate:
+tokens/s is then each one's ceiling and p99 measures a queue, not the store. The streams'
+pings are at the default 15 s (the e2e tests' 1 s would add 1,000 events a second of pure
+overhead).
+
+What set the write-behind p99 (1.45-1.51x, then 1.39x with full-text search gone: 857 vs
+617 ms) was the cyclic GC, not the flush's own time. Steady streaming in the in-memory
+server allocates about as many objects as it frees (each token's replace the last's), so
+its GC stays idle. A flush of 500 sessions in one transaction (the old default batch) held
+a few thousand new objects at once (its snapshots on the event loop, its rows in the
+writer's thread), each time triggering several young collections; every tenth of those
+moves whatever is in flight, some 20,000 objects of 1,000 streams' pending awaits, to the
+oldest generation, and its growth triggers a full collection: 250-400 ms with every stream
+paused, 2-3 times in a round's 25 s (gen0/gen1/gen2 collections in the timed phase, from
+gc.callbacks: 367/33/3 against 208/18/0-2). py-spy showed the same as `DirtyIndex.take`
+holding the loop 15-70 ms (collections it triggered; alone it takes 2 ms for 500). Two more
+things kept a flush's objects alive for up to an interval: aiosqlite's thread keeps its
+last job (the batch's deltas, and the messages' previous versions) until its next one, and
+each session's dirty marks were new every interval.
+
+Fixed in the library: `flush_batch` 100 (a transaction's objects stay under the young
+generation's threshold of 700: flushing 5,000 sessions triggered 18-19 young collections
+at 500, 0-1 at 100) with `max_flushes_per_second` 250 (the same sessions/s ceiling); the
+worker drops a batch's deltas once written; committed marks are reused. Measured (5
+rounds, `uptime` load 1-2 from other work): p99 620 vs 624 ms, ratio 0.99 (rounds
+0.96-1.02); p50 601 vs 601 ms; 1,432 vs 1,430 tokens/s; server CPU 276 vs 205 us/token
+(1.34x: the flush itself, in the writer's thread and the loop; with the size trigger at
+100 dirty sessions a streaming session is also written more often than once an interval).
 
 `WRITEBEHIND_LOAD_STREAMS`, `_ROUNDS` and `_DELAY_MS` change it for a quick look.
 """

@@ -27,7 +27,7 @@ import orjson
 
 from .errors import SchemaError
 
-__all__ = ["Branches", "active_path", "children_of", "leaf_below", "parent_of", "siblings"]
+__all__ = ["Branches", "active_path", "children_of", "leaf_below", "normalized", "parent_of", "siblings"]
 
 _EMPTY: Final[Mapping[int, int]] = {}
 
@@ -82,13 +82,6 @@ def normalized(parents: Mapping[int, int], active: int | None, count: int) -> Br
 
 def parent_of(branches: Branches | None, seq: int) -> int:
     return seq - 1 if branches is None else branches.parents.get(seq, seq - 1)
-
-
-def active_leaf(branches: Branches | None, count: int) -> int:
-    """The seq at the end of the active path (0: no messages)."""
-    if branches is None or branches.active is None:
-        return count
-    return branches.active
 
 
 def active_path(messages: Sequence[Any], branches: Branches | None, after_seq: int = 0) -> list[Any]:

@@ -35,12 +35,19 @@ class Config:
     retention_days: int = 90
     cleanup_interval_hours: float = 24.0
     flush_interval_ms: int = 1000
-    flush_batch: int = 500
+    # 100, not 500: a transaction's snapshots (a few objects a session) stay below the cyclic
+    # GC's young-generation threshold (700), so a flush triggers next to no collection. At
+    # 500, flushing 1,000 streaming sessions a second triggered a dozen young collections
+    # each promoting every stream's in-flight objects, hence a full collection (250-400 ms,
+    # every stream paused) every 10-15 s; see benchmarks/test_sse_load.py.
+    flush_batch: int = 100
     cache_size: int = 10_000
     max_dirty: int = 10_000
     anon_ttl_seconds: float = 3600.0
     synchronous: str = "NORMAL"
-    max_flushes_per_second: float = 50.0
+    # Transactions a second of the background flush: 250 of 100 sessions, the same ceiling
+    # of sessions a second as the 50 of 500 it was before flush_batch was 100.
+    max_flushes_per_second: float = 250.0
     busy_timeout_ms: int = 5000
     backpressure_timeout_ms: int = 1000
     shutdown_timeout_seconds: float = 10.0

@@ -332,9 +332,7 @@ class Relay:
                 continue
             branches = self._branches_of(sid)
             payloads = (
-                None
-                if branches != self._sent_branches.get(sid)
-                else encode_changes(messages, sent, seq - 1)
+                None if branches != self._sent_branches.get(sid) else encode_changes(messages, sent, seq - 1)
             )
             if payloads is None:
                 self._sent_branches[sid] = branches

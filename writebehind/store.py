@@ -20,7 +20,7 @@ from typing import Any, Final
 
 from cachetools import LRUCache
 
-from .branches import Branches, active_leaf, active_path, leaf_below, normalized
+from .branches import Branches, active_path, leaf_below, normalized
 from .errors import NotFound, ValidationError
 from .model import (
     Metadata,
@@ -721,7 +721,12 @@ class SessionStore:
         elif mid in session.index:
             raise ValidationError("message_id", f"{mid!r} already exists in session {session.id!r}")
         old = session.branches
-        parent = active_leaf(old, count) if parent_seq is None else parent_seq
+        if parent_seq is not None:
+            parent = parent_seq
+        elif old is None or old.active is None:
+            parent = count  # after the last message: every ordinary append
+        else:
+            parent = old.active
         if parent != count:
             # A branch point: a new (small) `Branches`, one pair per branch point. An append
             # after the last message, every ordinary one, leaves them as they are.

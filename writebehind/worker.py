@@ -381,7 +381,14 @@ class FlushWorker:
                     async with self._throttler:
                         pass
                 started = time.perf_counter()
-                result = await self._backend.write_batch([t.delta for t in batch])
+                deltas = [t.delta for t in batch]
+                result = await self._backend.write_batch(deltas)
+                # The job is done with them, but a backend's thread may hold on to its last job
+                # (aiosqlite's does, until its next one: up to an interval): emptied, the list
+                # no longer keeps the batch's snapshots (and the messages' old versions) alive
+                # that long, old enough for the cyclic GC to move to its oldest generation.
+                # Not on an exception: a cancelled write may still be running in that thread.
+                deltas.clear()
             except StorageError:
                 raise
             except Exception as exc:

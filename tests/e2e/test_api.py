@@ -1,5 +1,6 @@
 """The API the page needs, end to end against a real uvicorn: stop a reply, regenerate the
-last one, read messages by page, and see per message whether a reply was cut or stopped."""
+last one (an alternative of it), read messages by page, and see per message whether a
+reply was cut or stopped."""
 
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ def test_stop_also_ends_a_reply_waiting_behind_the_streaming_one(slow: Server) -
     assert messages[3]["content"] == ""
 
 
-def test_regenerate_rewrites_the_last_reply_and_an_open_stream_gets_it_again(fast: Server) -> None:
+def test_regenerate_appends_an_alternative_and_an_open_stream_follows_it(fast: Server) -> None:
     alice = client(fast, "alice")
     sid = alice.post("/api/sessions", json={}).json()["id"]
     nothing = alice.post(f"/api/sessions/{sid}/regenerate")
@@ -102,25 +103,34 @@ def test_regenerate_rewrites_the_last_reply_and_an_open_stream_gets_it_again(fas
     alice.post(f"/api/sessions/{sid}/messages", json={"content": "say it twice"})
     expected = _reply_to("say it twice")
     texts: dict[int, str] = {}
-    regenerated, rewound = None, False
+    branches: list[dict[str, Any]] = []
+    regenerated = None
     for e in sse(alice, sid):
+        if e["event"] == "branch":
+            branches.append({"id": e["id"], **e["data"]})
+            continue
         m = e["data"]
-        if m["rewound"]:
-            assert (m["seq"], m["offset"]) == (2, 0) and regenerated is not None
-            texts[2], rewound = "", True
+        assert not m["rewound"]
         assert m["offset"] == utf16_len(texts.get(m["seq"], ""))
         texts[m["seq"]] = texts.get(m["seq"], "") + m["text"]
         if m["seq"] == 2 and m["done"]:
-            if regenerated is not None:
-                break
             answer = alice.post(f"/api/sessions/{sid}/regenerate")
             assert answer.status_code == 202, answer.text
             regenerated = answer.json()
-    assert regenerated is not None and rewound
-    assert (regenerated["seq"], regenerated["id"], regenerated["done"]) == (2, m["id"], False)
-    assert texts == {1: "say it twice", 2: expected}
+        if m["seq"] == 3:
+            assert m["parent_seq"] == 1  # the question both replies answer
+            if m["done"]:
+                break
+    assert regenerated is not None
+    assert (regenerated["seq"], regenerated["parent_seq"], regenerated["done"]) == (3, 1, False)
+    assert regenerated["alternatives"] == [2, 3]
+    # The stream said that the reply it had was no longer on the path, and where the new
+    # path leaves it: after the question, whose id it gives.
+    assert branches == [{"id": f"1:{utf16_len('say it twice')}d", "after_seq": 1}]
+    assert texts == {1: "say it twice", 2: expected, 3: expected}
     messages = _wait_done(alice, sid)
-    assert [(m["seq"], m["content"]) for m in messages] == [(1, "say it twice"), (2, expected)]
+    assert [(m["seq"], m["parent_seq"], m["alternatives"]) for m in messages] == [(1, 0, [1]), (3, 1, [2, 3])]
+    assert alice.get(f"/api/sessions/{sid}").json()["message_count"] == 3  # the old reply is kept
     assert client(fast, "bob").post(f"/api/sessions/{sid}/regenerate").status_code == 404
 
 
@@ -131,11 +141,11 @@ def test_regenerate_while_the_reply_streams_is_a_conflict(slow: Server) -> None:
     busy = alice.post(f"/api/sessions/{sid}/regenerate")
     assert busy.status_code == 409 and "stop" in busy.json()["error"]["message"]
     alice.post(f"/api/sessions/{sid}/stop")
-    # A stopped reply can be regenerated: it is rewritten whole, no longer stopped.
+    # A stopped reply can be regenerated: a new one, whole, not stopped; the stopped one stays.
     assert alice.post(f"/api/sessions/{sid}/regenerate").status_code == 202
-    reply = _wait_done(alice, sid)[1]
-    assert (reply["content"], reply["stopped"], reply["interrupted"]) == (
-        _reply_to("still talking"), False, False,
+    _question, reply = _wait_done(alice, sid)
+    assert (reply["content"], reply["stopped"], reply["interrupted"], reply["alternatives"]) == (
+        _reply_to("still talking"), False, False, [2, 3],
     )  # fmt: skip
 
 

@@ -122,16 +122,22 @@ def test_an_upstream_failure_is_a_visible_error_stored_on_the_reply(
         alice = client(second, "alice")
         messages = alice.get(f"/api/sessions/{sid}").json()["messages"]
         assert [m["error"] for m in messages if m["role"] == "assistant"] == [failed["error"], cut["error"]]
-        # A regenerate writes the last reply again, and the error goes with the old one.
+        # A regenerate writes a new reply beside the last one; the error stays with the old one.
         regenerated = alice.post(f"/api/sessions/{sid}/regenerate")
         assert regenerated.status_code == 202 and regenerated.json()["error"] is None
+        assert (regenerated.json()["seq"], regenerated.json()["alternatives"]) == (5, [4, 5])
         again = None
         for event in events(alice, sid):
-            if event["seq"] == 4 and event["done"]:
+            if event["seq"] == 5 and event["done"]:
                 again = event
                 break
         assert again is not None and again["error"] is None and not again["interrupted"]
-        assert alice.get(f"/api/sessions/{sid}").json()["messages"][3]["content"] == "Whole again"
+        path = alice.get(f"/api/sessions/{sid}").json()["messages"]
+        assert [(m["seq"], m["content"], m["error"]) for m in path[2:]] == [
+            (3, "try again", None), (5, "Whole again", None),
+        ]  # fmt: skip
+        old = alice.post(f"/api/sessions/{sid}/branch", json={"seq": 4}).json()["messages"][3]
+        assert (old["seq"], old["error"]) == (4, cut["error"])
     finally:
         second.close()
 

@@ -49,6 +49,7 @@ def test_the_openapi_document_says_what_the_server_does(server: Server) -> None:
     body_routes = [
         paths["/api/sessions"]["post"], paths["/api/sessions/{session_id}"]["patch"],
         paths["/api/sessions/{session_id}/messages"]["post"],
+        paths["/api/sessions/{session_id}/branch"]["post"],
     ]  # fmt: skip
     for op in body_routes:
         assert {"400", "413", "415", "422"} <= set(op["responses"])
@@ -63,8 +64,10 @@ def test_the_openapi_document_says_what_the_server_does(server: Server) -> None:
     assert (page["limit"]["minimum"], page["limit"]["maximum"], page["after_seq"]["minimum"]) == (1, 200, 0)
     assert "200" in paths["/api/sessions/{session_id}/stop"]["post"]["responses"]
     assert {"202", "409"} <= set(paths["/api/sessions/{session_id}/regenerate"]["post"]["responses"])
+    for route in ("messages", "branch"):  # the path changes only between replies
+        assert "409" in paths[f"/api/sessions/{{session_id}}/{route}"]["post"]["responses"]
     message = doc["components"]["schemas"]["MessageOut"]["properties"]
-    assert {"done", "interrupted", "stopped"} <= set(message)
+    assert {"done", "interrupted", "stopped", "parent_seq", "alternatives"} <= set(message)
     patch = doc["components"]["schemas"]["SessionPatch"]["properties"]
     assert patch["status"]["pattern"] and patch["title"]["anyOf"][0]["maxLength"] == 500
 

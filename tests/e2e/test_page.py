@@ -1,7 +1,7 @@
 """The page as a person uses it, in headless Chromium (Debian's, driven by Playwright's
-Python client): the conversation list, Stop and Regenerate, Markdown that never runs a
-script, multi-line input, errors shown with the typed text kept, the settings menu, the
-phone layout, and a clean console.
+Python client): the conversation list, Stop and Regenerate (an alternative: 2/2),
+Markdown that never runs a script, multi-line input, errors shown with the typed text
+kept, the settings menu, the phone layout, and a clean console.
 
 `WB_SCREENSHOT_DIR=docs/screenshots .venv/bin/pytest tests/e2e/test_page.py -k screenshots`
 refreshes the README's screenshots (by default they go to the test's tmp dir)."""
@@ -122,7 +122,13 @@ def test_stop_a_streaming_reply_then_regenerate_it(tmp_path: Path, browser: Brow
         _last_reply_done(page, _reply_to("tell me everything"))
         expect(reply).not_to_have_class(re.compile(r"\bstopped\b"))
         expect(page.locator(".turn.assistant .flag")).to_have_text("")
-        expect(page.locator(".msg")).to_have_count(2)  # replaced, until branches exist
+        # The stopped reply stays, an alternative (2/2), and the previous arrow steps back to it.
+        expect(page.locator(".msg")).to_have_count(2)
+        expect(page.locator(".turn.assistant .alts .count")).to_have_text("2/2")
+        page.click(".turn.assistant .alts .prev")
+        expect(page.locator(".turn.assistant .alts .count")).to_have_text("1/2")
+        expect(reply).to_have_text(cut)
+        expect(page.locator(".turn.assistant .flag")).to_have_text("stopped")
     finally:
         server.close()
 
@@ -276,6 +282,10 @@ def test_desktop_and_phone_layouts_with_a_clean_console_and_screenshots(
             _say(page, "Is anything lost if the server **crashes**? Say `flush` too")
             _last_reply_done(page, re.compile(r"^You said: .Is anything lost.*token40$"))
             expect(page.locator(".msg.assistant").last.locator("strong")).to_have_text("crashes")
+            # The last reply regenerated: its versions (2/2) under it.
+            page.click(".regen")
+            expect(page.locator(".turn.assistant").last.locator(".alts .count")).to_have_text("2/2")
+            _last_reply_done(page, re.compile(r"^You said: .Is anything lost.*token40$"))
             width = page.evaluate("document.documentElement.scrollWidth")
             assert width <= viewport["width"], (name, width)
             page.screenshot(path=str(shots / f"{name}.png"))

@@ -103,7 +103,7 @@ def test_a_reply_cut_by_a_crash_is_marked_interrupted_and_a_client_ahead_gets_it
         again = next(sse(alice, sid, last_event_id=ahead))
         assert again["event"] == "message"
         assert again["data"] == {
-            "seq": 2, "id": reply["id"], "role": "assistant", "offset": 0, "text": survived,
+            "seq": 2, "id": reply["id"], "role": "assistant", "parent_seq": 1, "offset": 0, "text": survived,
             "done": True, "interrupted": True, "stopped": False, "rewound": True, "error": None,
         }  # fmt: skip
         assert again["id"] == f"2:{utf16_len(survived)}d"

@@ -28,6 +28,7 @@ import pytest
 from tests.pg import DSN, new_schema
 
 from .server import Server, client, events
+from .test_branch_api import Follower, shown_after
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -310,3 +311,34 @@ def test_uvicorn_workers_share_one_port(tmp_path: Path) -> None:
         assert [content for _, role, content in rows if role == "user"] == [f"m{i}" for i in range(20)]
     finally:
         asyncio.run(_drop(schema))
+
+
+def test_a_branch_made_on_one_worker_reaches_a_stream_on_another(workers: tuple[list[Server], str]) -> None:
+    """A regenerate and a switch sent to other workers reach a stream followed on B (a
+    session another worker keeps, read through its live copy) as `branch` events and the
+    new path; any worker then shows the same path and alternatives."""
+    servers, _ = workers
+    a, b, c3, d = servers
+    sid = _create(a, "alice")
+    _post(a, "alice", sid, "first 👋🏽 你好")
+    _wait_replies(servers, "alice", [sid])
+    live = Follower(client(b, "alice"), sid)
+    live.wait_for(lambda got: len(got) == 2)
+    with client(c3, "alice") as c:
+        regenerated = c.post(f"/api/sessions/{sid}/regenerate")
+        assert regenerated.status_code == 202, regenerated.text
+        assert regenerated.json()["alternatives"] == [2, 3]
+    got = live.wait_for(lambda got: any(e["data"].get("seq") == 3 and e["data"]["done"] for e in got[2:]))
+    assert got[2]["event"] == "branch" and got[2]["data"] == {"after_seq": 1}
+    first = got[0]["data"]["text"]
+    assert shown_after(got) == {1: first, 3: got[1]["data"]["text"]}  # the echo says the same again
+    with client(d, "alice") as c:
+        back = c.post(f"/api/sessions/{sid}/branch", json={"seq": 2})
+        assert back.status_code == 200, back.text
+    got = live.wait_for(lambda got: len(got) > 2 and got[-1]["data"].get("seq") == 2)
+    assert [e["event"] for e in got].count("branch") == 2
+    assert shown_after(got) == {1: first, 2: got[1]["data"]["text"]}
+    for server in servers:
+        with client(server, "alice") as c:
+            path = c.get(f"/api/sessions/{sid}").json()["messages"]
+        assert [(m["seq"], m["alternatives"]) for m in path] == [(1, [1]), (2, [2, 3])]

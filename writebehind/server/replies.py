@@ -8,14 +8,19 @@ whole, and a stream never has two messages in flight.
 A reply's message says where it stands in its metadata: `{"done": false}` while a task
 writes it, `{"done": true}` at its end, plus `"interrupted": true` when it was cut (the
 server stopped, or the responder failed) or `"stopped": true` when the user stopped it
-(`stop()`: what was said is kept). `regenerate()` writes the last reply again, in place:
-until the store keeps branches, the new reply replaces the old one (same message, same
-`seq`), and `"attempt"` counts the rewrites so that a stream can tell it must start that
-message again. A reply that is not done and that no task of
+(`stop()`: what was said is kept). A reply that is not done and that no task of
 this process is writing was cut by a crash: `progress()` reports it as done and
 interrupted at once, and `settle()` stores that mark the first time its session is read
 after the restart (a store with no scan of every session can only do it then; no reader
 can tell the difference).
+
+Alternatives (`writebehind.branches`): `regenerate()` appends a new reply as a sibling of
+the last one (its parent is the question both answer), an edit (`start(parent_seq=...)`)
+appends the new question as a sibling of the one it replaces, and `switch()` moves the
+active path; the old messages stay, nothing is rewritten. Each changes the active path,
+so each is refused (409) while a reply is being written or waits to be: a reply task
+always writes a message of the active path, and a stream never has two in flight. A
+reply is written to the messages before it on its own path.
 
 With several processes sharing a PostgreSQL database, the session's owner is the one
 process that writes it, and the reply runs there; this bookkeeping is per process.
@@ -27,15 +32,24 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
-from .. import NotFound, SessionStore, StoredMessage, WriteBehindError, WriteBehindStore
+from .. import (
+    NotFound,
+    SessionRecord,
+    SessionStore,
+    StoredMessage,
+    ValidationError,
+    WriteBehindError,
+    WriteBehindStore,
+)
+from ..branches import parent_of
 from .auth import Caller
 from .errors import ApiError
 from .responder import Responder, ResponderError, tokens_of
 
-__all__ = ["Progress", "Replies", "attempt", "error_of", "title_from"]
+__all__ = ["Progress", "Replies", "error_of", "history_of", "title_from"]
 
 LOG = logging.getLogger("writebehind.server")
 Store = SessionStore | WriteBehindStore
@@ -57,10 +71,19 @@ _WRITING = Progress(False, False)
 _TITLE_CHARS = 60
 
 
-def attempt(message: StoredMessage) -> int:
-    """How many times the reply `message` has been written: 1, then one more per regenerate."""
-    value = (message.metadata or {}).get("attempt", 1)
-    return value if isinstance(value, int) else 1
+def history_of(record: SessionRecord, seq: int) -> list[StoredMessage]:
+    """The messages before message `seq` on its path, in order: what its reply is written
+    to, whichever path is active. O(length of the path)."""
+    branches, messages = record.branches, record.messages
+    if branches is None:
+        return list(messages[: seq - 1])
+    out = []
+    at = branches.parent(seq)
+    while 0 < at <= len(messages):
+        out.append(messages[at - 1])
+        at = branches.parent(at)
+    out.reverse()
+    return out
 
 
 def error_of(message: StoredMessage) -> str | None:
@@ -78,6 +101,18 @@ def title_from(content: str) -> str:
         return line
     cut = line[: _TITLE_CHARS - 1].rsplit(" ", 1)[0] or line[: _TITLE_CHARS - 1]
     return cut + "\u2026"
+
+
+@contextlib.contextmanager
+def _a_message_it_has(field: str) -> Iterator[None]:
+    """A message the session does not have, named by a request that is well formed: a 409
+    (the session is not in a state that allows it), the store's message naming `field`."""
+    try:
+        yield
+    except ValidationError as exc:
+        if exc.field != field:
+            raise
+        raise ApiError(409, "conflict", str(exc)) from None
 
 
 class Replies:
@@ -125,61 +160,98 @@ class Replies:
                 )
                 LOG.info("session %s: reply %s was cut by a crash; marked interrupted", session_id, m.id)
 
-    async def start(self, session_id: str, content: str, who: Caller) -> tuple[StoredMessage, StoredMessage]:
+    async def start(
+        self, session_id: str, content: str, who: Caller, parent_seq: int | None = None
+    ) -> tuple[StoredMessage, StoredMessage, SessionRecord]:
         """Store the caller's message and an empty reply after it; a task writes the reply
-        once the session's earlier replies have ended. Returns both messages."""
+        once the session's earlier replies have ended. `parent_seq`: the message goes after
+        that one (an edit: the parent of the message it replaces), not after the end of the
+        active path; then 409 while a reply is being written. Returns both messages and
+        the session as it is after them."""
         reply_id = secrets.token_hex(16)
         key = (session_id, reply_id)
-        self._writing.add(key)  # before the placeholder exists: no reader may take it for a cut one
         try:
             async with self._hold(session_id):  # the question and its placeholder stay together
-                said = await self._store.append_message(session_id, role="user", content=content, **who.who)
-                reply = await self._store.append_message(
-                    session_id,
-                    role="assistant",
-                    content="",
-                    message_id=reply_id,
-                    metadata={"done": False},
-                    **who.who,
-                )
+                if parent_seq is not None:
+                    await self._idle(session_id, who)
+                # No await since the check: nobody starts a reply meanwhile. Before the
+                # placeholder exists: no reader may take it for a cut one.
+                self._writing.add(key)
+                with _a_message_it_has("parent_seq"):
+                    said = await self._store.append_message(
+                        session_id, role="user", content=content, parent_seq=parent_seq, **who.who
+                    )
+                reply = await self._placeholder(session_id, reply_id, said.seq, who)
         except BaseException:
             self._writing.discard(key)
             raise
         self._launch(session_id, reply, who)
         if said.seq == 1:
             await self._title(session_id, content, who)
-        return said, reply
+        return said, reply, await self._store.get_session(session_id, **who.who)
 
-    async def regenerate(self, session_id: str, who: Caller) -> StoredMessage:
-        """Write the session's last reply again, in place (the same message, emptied, its
-        `attempt` one more), to the user message before it. Returns the emptied reply.
-        409 when the last message is not a reply, or is still being written (stop it first)."""
-        async with self._hold(session_id):
-            messages = await self._store.get_messages(session_id, **who.who)
-            last = messages[-1] if messages else None
-            if last is None or last.role != "assistant" or last.seq < 2:
-                raise ApiError(409, "conflict", f"session {session_id!r} has no reply to regenerate")
-            if not self.progress(session_id, last).done:
-                raise ApiError(
-                    409,
-                    "conflict",
-                    f"session {session_id!r}: the reply is still being written; stop it first",
-                )
-            key = (session_id, last.id)
-            self._writing.add(key)  # no await since the check: nobody else starts it meanwhile
-            try:
-                reply = await self._store.update_message(
-                    session_id,
-                    last.id,
-                    content="",
-                    metadata={"done": False, "attempt": attempt(last) + 1},
-                    **who.who,
-                )
-            except BaseException:
-                self._writing.discard(key)
-                raise
+    async def _placeholder(
+        self, session_id: str, reply_id: str, parent_seq: int, who: Caller
+    ) -> StoredMessage:
+        """The reply's empty message, after `parent_seq` (the question it answers: given,
+        so that it is never taken for an answer to anything else)."""
+        return await self._store.append_message(
+            session_id,
+            role="assistant",
+            content="",
+            message_id=reply_id,
+            metadata={"done": False},
+            parent_seq=parent_seq,
+            **who.who,
+        )
+
+    async def _idle(self, session_id: str, who: Caller) -> SessionRecord:
+        """The session, when no reply is being written on it or waits to be (one another
+        instance writes included); else 409: a change of its active path waits for them."""
+        record = await self._store.get_session(session_id, **who.who)
+        # The replies being written, and those waiting, are on the active path (only an
+        # append after its end changes it meanwhile). A reply whose end is stored counts
+        # as ended even if its task has yet to return: the next one waits for it anyway.
+        if any(not self.progress(session_id, m).done for m in record.path if m.role == "assistant"):
+            raise ApiError(
+                409, "conflict", f"session {session_id!r}: a reply is still being written; stop it first"
+            )
+        return record
+
+    async def regenerate(self, session_id: str, who: Caller) -> tuple[StoredMessage, SessionRecord]:
+        """A new reply to the question the last reply answers, appended as that reply's
+        sibling (the old one stays, an alternative: "2/2"), and written like any reply.
+        Returns the new (empty) reply and the session after it. 409 when the active path
+        does not end with a reply to something, or a reply is still being written (stop it
+        first)."""
+        reply_id = secrets.token_hex(16)
+        key = (session_id, reply_id)
+        try:
+            async with self._hold(session_id):
+                record = await self._idle(session_id, who)
+                path = record.path
+                last = path[-1] if path else None
+                question = 0 if last is None else parent_of(record.branches, last.seq)
+                if last is None or last.role != "assistant" or question == 0:
+                    raise ApiError(409, "conflict", f"session {session_id!r} has no reply to regenerate")
+                self._writing.add(key)  # no await since the check: nobody starts a reply meanwhile
+                reply = await self._placeholder(session_id, reply_id, question, who)
+        except BaseException:
+            self._writing.discard(key)
+            raise
         self._launch(session_id, reply, who)
-        return reply
+        return reply, await self._store.get_session(session_id, **who.who)
+
+    async def switch(self, session_id: str, seq: int, who: Caller) -> SessionRecord:
+        """Make the active path go through message `seq` (on to its most recent
+        continuation); returns the session after it. 409 while a reply is being written."""
+        async with self._hold(session_id):
+            await self._idle(session_id, who)
+            with _a_message_it_has("seq"):
+                await self._store.switch_branch(session_id, seq, **who.who)
+            record = await self._store.get_session(session_id, **who.who)
+        self._notify(session_id)  # its open streams show the new path
+        return record
 
     async def stop(self, session_id: str, who: Caller) -> list[StoredMessage]:
         """End the session's replies, the one being written and those waiting behind it:
@@ -193,7 +265,8 @@ class Replies:
             task.cancel()
         await asyncio.wait(running.values())
         stopped = []
-        for m in await self._store.get_messages(session_id, **who.who):
+        # Every message, not only the active path's: wherever a reply is, it gets its mark.
+        for m in (await self._store.get_session(session_id, **who.who)).messages:
             if m.id not in running:
                 continue
             meta = m.metadata or {}
@@ -298,12 +371,10 @@ class Replies:
         self, session_id: str, reply: StoredMessage, who: Caller, previous: asyncio.Task[None] | None
     ) -> None:
         end: dict[str, Any] = {"done": True}
-        if attempt(reply) > 1:
-            end["attempt"] = attempt(reply)
         try:
             if previous is not None:
                 await asyncio.wait([previous])  # its outcome is its own
-            history = await self._store.get_messages(session_id, limit=reply.seq - 1, **who.who)
+            history = history_of(await self._store.get_session(session_id, **who.who), reply.seq)
             # `tokens_of` closes the responder however this ends: a stop closes its HTTP stream.
             async with tokens_of(self._responder, history) as tokens:
                 async for token in tokens:

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import re
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path as FilePath
 from typing import Annotated, Any, Final
 
@@ -15,7 +15,8 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 from sse_starlette import EventSourceResponse
 
-from .. import NotFound, SessionRecord, SessionStore, SessionSummary, WriteBehindStore
+from .. import NotFound, SessionRecord, SessionStore, SessionSummary, StoredMessage, WriteBehindStore
+from ..branches import active_path
 from ..integrations import FRAMEWORK_STATUSES
 from ..policy import preferences_id
 from ..search import MAX_LIMIT, MAX_OFFSET, MAX_QUERY_CHARS, search_memory
@@ -27,6 +28,7 @@ from .schemas import (
     SESSION_ID_PATTERN,
     ArchivedFilter,
     ErrorBody,
+    Family,
     MessageOut,
     MessagePage,
     NewMessage,
@@ -41,6 +43,7 @@ from .schemas import (
     SessionOut,
     SessionPatch,
     Stopped,
+    SwitchBranch,
     Turn,
 )
 from .settings import ServerSettings
@@ -116,9 +119,17 @@ def _out(
     return SessionOut.of(s, messages, temporary=store.is_temporary(s.id, **who.who))
 
 
+def _messages_out(
+    record: SessionRecord, messages: Sequence[StoredMessage], replies: Replies
+) -> list[MessageOut]:
+    """`messages` of `record`, each with its progress, parent and alternatives."""
+    family = Family(record, (m.seq for m in messages))
+    return [MessageOut.of(m, replies.progress(record.id, m), family) for m in messages]
+
+
 def _with_messages(store: Store, who: Caller, record: SessionRecord, replies: Replies) -> SessionOut:
-    messages = [MessageOut.of(m, replies.progress(record.id, m)) for m in record.messages]
-    return _out(store, who, record, messages)
+    """The session with its active path."""
+    return _out(store, who, record, _messages_out(record, record.path, replies))
 
 
 @router.get("/healthz")
@@ -299,6 +310,8 @@ async def search(
 
 @router.get("/api/sessions/{session_id}", responses=_answers(401, 404, 503))
 async def get_session(session_id: SessionId, request: Request, who: Who) -> SessionOut:
+    """The session with its active path (`messages`), each message with its `parent_seq`
+    and its `alternatives`."""
     replies = _replies(request)
     store = _store(request)
     record = await store.get_session(_check_id(session_id), **who.who)
@@ -337,17 +350,18 @@ async def claim(session_id: SessionId, request: Request, who: Who) -> SessionOut
     "/api/sessions/{session_id}/messages",
     status_code=202,
     dependencies=[Depends(_require_json)],
-    responses=_answers(*_BODY, 404),
+    responses=_answers(*_BODY, 404, 409),
 )
 async def post_message(session_id: SessionId, body: NewMessage, request: Request, who: Who) -> Turn:
     """Store the message and start its reply; a reply still streaming on the session ends
-    first, then this one starts (see `replies`)."""
+    first, then this one starts (see `replies`). With `parent_seq`, the message goes after
+    that one, an alternative: an edit of a sent message is posted with the `parent_seq`
+    of the message it replaces, and becomes its sibling; 409 while a reply is being
+    written (stop it first), or for a `parent_seq` the session does not have."""
     replies = _replies(request)
-    said, reply = await replies.start(_check_id(session_id), body.content, who)
-    return Turn(
-        user_message=MessageOut.of(said, replies.progress(session_id, said)),
-        assistant_message=MessageOut.of(reply, replies.progress(session_id, reply)),
-    )
+    said, reply, record = await replies.start(_check_id(session_id), body.content, who, body.parent_seq)
+    user_message, assistant_message = _messages_out(record, (said, reply), replies)
+    return Turn(user_message=user_message, assistant_message=assistant_message)
 
 
 @router.get("/api/sessions/{session_id}/messages", responses=_answers(401, 404, 422, 503))
@@ -358,15 +372,21 @@ async def list_messages(
     after_seq: Annotated[int, Query(ge=0, le=1_000_000_000, description="messages after this seq")] = 0,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> MessagePage:
-    """The session's messages in `seq` order, one page: those with `seq > after_seq`, at
-    most `limit`; `next_after_seq` names the next page."""
+    """The messages of the session's active path, in order, one page: those with
+    `seq > after_seq`, at most `limit`; `next_after_seq` names the next page. (Seqs grow
+    along any path, so `after_seq` is a position on it.)"""
     replies = _replies(request)
     sid = _check_id(session_id)
-    messages = await _store(request).get_messages(sid, after_seq=after_seq, limit=limit + 1, **who.who)
+    # One read for the page and the tree its alternatives come from.
+    record = await _store(request).get_session(sid, **who.who)
+    if record.branches is None:  # the usual case: the path is every message
+        messages = list(record.messages[after_seq : after_seq + limit + 1])
+    else:
+        messages = active_path(record.messages, record.branches, after_seq)[: limit + 1]
     await replies.settle(sid, messages, who)
     page = messages[:limit]
     return MessagePage(
-        messages=[MessageOut.of(m, replies.progress(sid, m)) for m in page],
+        messages=_messages_out(record, page, replies),
         after_seq=after_seq,
         limit=limit,
         next_after_seq=page[-1].seq if len(messages) > limit else None,
@@ -385,31 +405,53 @@ async def stop(session_id: SessionId, request: Request, who: Who) -> Stopped:
         stopped = await replies.stop_elsewhere(sid, who)  # its replies run on another instance
     else:
         stopped = await replies.stop(sid, who)
-    return Stopped(stopped=[MessageOut.of(m, replies.progress(sid, m)) for m in stopped])
+    if not stopped:
+        return Stopped(stopped=[])
+    record = await store.get_session(sid, **who.who)
+    return Stopped(stopped=_messages_out(record, stopped, replies))
 
 
 @router.post("/api/sessions/{session_id}/regenerate", status_code=202, responses=_answers(401, 404, 409, 503))
 async def regenerate(session_id: SessionId, request: Request, who: Who) -> MessageOut:
-    """A new reply to the last user message. Until the store keeps branches it replaces
-    the last reply in place: the same message (id, `seq`) is emptied and written again, and
-    open streams get it again from its start (`rewound`). 409 when the last message is
-    not a reply, or is still being written (stop it first)."""
+    """A new reply to the question the last reply answers, written like any reply. It is
+    appended as the last reply's sibling: the old one stays, an alternative (its
+    `alternatives` lists both; `POST .../branch` goes back to it). 409 when the active path
+    does not end with a reply, or a reply is still being written (stop it first)."""
     replies = _replies(request)
     sid = _check_id(session_id)
-    reply = await replies.regenerate(sid, who)
-    return MessageOut.of(reply, replies.progress(sid, reply))
+    reply, record = await replies.regenerate(sid, who)
+    (out,) = _messages_out(record, (reply,), replies)
+    return out
+
+
+@router.post(
+    "/api/sessions/{session_id}/branch",
+    dependencies=[Depends(_require_json)],
+    responses=_answers(*_BODY, 404, 409),
+)
+async def switch_branch(session_id: SessionId, body: SwitchBranch, request: Request, who: Who) -> SessionOut:
+    """Step to an alternative ("2/3"): the active path goes through message `seq`, on to
+    its most recent continuation. Answers the session with its new path; open streams are
+    told (a `branch` event). Writes one row; nothing is copied. 409 while a reply is being
+    written, or for a `seq` the session does not have."""
+    store = _store(request)
+    replies = _replies(request)
+    record = await replies.switch(_check_id(session_id), body.seq, who)
+    return _with_messages(store, who, record, replies)
 
 
 _EVENTS_DOC: Final = {
-    "description": "Server-sent events, one `message` event per change of one message "
-    "(`id: <seq>:<offset>[d]`, offsets in UTF-16 code units), a `gone` event when the session is "
-    "erased, comments as pings.",
+    "description": "Server-sent events along the session's active path: one `message` event per "
+    "change of one message (`id: <seq>:<offset>[d]`, offsets in UTF-16 code units, `parent_seq` the "
+    'message it follows), a `branch` event (`{"after_seq": n}`) when the path the client has is no '
+    "longer the session's (keep what you show up to message n; the new path follows), a `gone` "
+    "event when the session is erased, comments as pings.",
     "content": {
         "text/event-stream": {
             "schema": {"type": "string"},
             "example": 'id: 2:12\nevent: message\ndata: {"seq": 2, "id": "…", "role": "assistant", '
-            '"offset": 0, "text": "You said: hi", "done": false, "interrupted": false, '
-            '"stopped": false, "rewound": false}\n\n',
+            '"parent_seq": 1, "offset": 0, "text": "You said: hi", "done": false, "interrupted": false, '
+            '"stopped": false, "rewound": false, "error": null}\n\n',
         }
     },
 }
@@ -433,13 +475,13 @@ async def events(
         ),
     ] = None,
 ) -> EventSourceResponse:
-    """The session's messages from the client's position, then the live tail (see `streaming`)."""
+    """The active path from the client's position, then the live tail (see `streaming`)."""
     store = _store(request)
     replies = _replies(request)
     sid = _check_id(session_id)
-    messages = await store.get_messages(sid, **who.who)  # 404 before the stream starts
-    await replies.settle(sid, messages, who)
-    start = resume_point(last_event_id, messages)
+    record = await store.get_session(sid, **who.who)  # 404 before the stream starts
+    await replies.settle(sid, record.path, who)
+    start = resume_point(last_event_id, record)
     ACCESS.info("stream session=%s user=%s from=%s:%s", sid, who.user_id, start.seq, start.units)
     settings: ServerSettings = request.app.state.settings
     return EventSourceResponse(

@@ -3,11 +3,13 @@ responses."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from .. import SessionRecord, SessionSummary, StoredMessage
+from ..branches import parent_of, siblings
 from .replies import Progress, error_of
 
 __all__ = [
@@ -16,6 +18,7 @@ __all__ = [
     "ArchivedFilter",
     "ErrorBody",
     "ErrorDetail",
+    "Family",
     "MessageOut",
     "MessagePage",
     "NewMessage",
@@ -26,6 +29,7 @@ __all__ = [
     "SessionOut",
     "SessionPatch",
     "Stopped",
+    "SwitchBranch",
     "Turn",
 ]
 
@@ -80,8 +84,47 @@ class SessionPatch(_Strict):
     )
 
 
+_MAX_SEQ: Final = 1_000_000_000
+
+
+def _a_number(value: Any) -> Any:
+    """JSON Schema's integer, and only that: 3 and 3.0 are one (a JSON encoder may write
+    either); "3" and true are not (pydantic's lax mode would take them)."""
+    if isinstance(value, (str, bool)):
+        raise ValueError("must be an integer")  # pydantic reports a ValueError as a 422
+    return value
+
+
 class NewMessage(_Strict):
     content: str = Field(min_length=1)
+    parent_seq: int | None = Field(
+        default=None,
+        ge=0,
+        le=_MAX_SEQ,
+        description="where the message goes: after message `parent_seq` (0: at the start), as an "
+        "alternative to that message's other continuations. To edit a sent message, give the "
+        "`parent_seq` of the message it replaces: the edit becomes its sibling (2 of 2) and gets a "
+        "reply. Absent or null: after the end of the active path (a new turn). With it, 409 while a "
+        "reply is being written (stop it first)",
+    )
+
+    @field_validator("parent_seq", mode="before")
+    @classmethod
+    def integer_only(cls, value: Any) -> Any:
+        return _a_number(value)
+
+
+class SwitchBranch(_Strict):
+    seq: int = Field(
+        ge=1,
+        le=_MAX_SEQ,
+        description="a message: the active path goes through it, on to its most recent continuation",
+    )
+
+    @field_validator("seq", mode="before")
+    @classmethod
+    def integer_only(cls, value: Any) -> Any:
+        return _a_number(value)
 
 
 class ErrorDetail(BaseModel):
@@ -95,11 +138,38 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class Family:
+    """Where messages stand in their session's tree (`writebehind.branches`): each one's
+    parent and alternatives, for a few messages of one session read once. O(messages)
+    for a session that branched, O(1) for one that never did."""
+
+    __slots__ = ("_branches", "_siblings")
+
+    def __init__(self, record: SessionRecord, seqs: Iterable[int]) -> None:
+        self._branches = record.branches
+        self._siblings = siblings(record.branches, len(record.messages), seqs)
+
+    def parent(self, seq: int) -> int:
+        return parent_of(self._branches, seq)
+
+    def alternatives(self, seq: int) -> list[int]:
+        return self._siblings.get(seq) or [seq]
+
+
 class MessageOut(BaseModel):
     id: str
     seq: int
     role: str
     content: str
+    parent_seq: int = Field(
+        description="the message this one follows (0: at the start of the session): on the active "
+        "path, the one before it"
+    )
+    alternatives: list[int] = Field(
+        description="the seqs of this message and its siblings (its edits, or the regenerations of a "
+        "reply), in order: a page shows `i/n` where this message's seq is number i of n; "
+        "`[seq]` when it has none. `POST .../branch` switches to another"
+    )
     created_at: str
     updated_at: str
     done: bool = Field(description="the message is whole: false only while its reply is being written")
@@ -114,12 +184,14 @@ class MessageOut(BaseModel):
     )
 
     @classmethod
-    def of(cls, m: StoredMessage, progress: Progress) -> MessageOut:
+    def of(cls, m: StoredMessage, progress: Progress, family: Family) -> MessageOut:
         return cls(
             id=m.id,
             seq=m.seq,
             role=m.role,
             content=m.content,
+            parent_seq=family.parent(m.seq),
+            alternatives=family.alternatives(m.seq),
             created_at=m.created_at.isoformat(),
             updated_at=m.updated_at.isoformat(),
             done=progress.done,
@@ -135,9 +207,13 @@ class SessionOut(BaseModel):
     status: str
     created_at: str
     updated_at: str
-    message_count: int
+    message_count: int = Field(description="every message of the session, on every branch")
     temporary: bool = Field(description="a temporary chat: never written to disk, not kept")
-    messages: list[MessageOut] | None = None
+    messages: list[MessageOut] | None = Field(
+        default=None,
+        description="the active path, in order (one session's answer; null in a listing): what the "
+        "page shows and a reply is written to",
+    )
 
     @classmethod
     def of(
@@ -200,7 +276,7 @@ class Turn(BaseModel):
 
 
 class MessagePage(BaseModel):
-    messages: list[MessageOut]
+    messages: list[MessageOut] = Field(description="messages of the active path, in order")
     after_seq: int
     limit: int
     next_after_seq: int | None = Field(

@@ -5,26 +5,33 @@ Wire format (one `message` event per change of one message)::
 
     id: <seq>:<offset>[d]
     event: message
-    data: {"seq", "id", "role", "offset", "text", "done", "interrupted", "stopped", "rewound", "error"}
+    data: {"seq", "id", "role", "parent_seq", "offset", "text", "done", "interrupted",
+           "stopped", "rewound", "error"}
 
 `offset` and the id's offset count UTF-16 code units, the unit of JavaScript's
 `String.length` and `slice`, so that a page computes its resume point from the text it
 shows. `text` is what follows `offset` in message `seq`; `d` says the client now has the
-whole message.
+whole message. `parent_seq` is the message before it on the path (0: none).
 
-Order: a stream delivers messages in `seq` order and each one whole (to its `done`)
-before the next, so one `<seq>:<offset>` names everything a client has. Replies on a
-session run one at a time (see `replies`), so a stream never waits behind a message
-that is not being written.
+A stream follows the session's active path (`writebehind.branches`): it delivers the
+path's messages in order (seqs grow along a path) and each one whole (to its `done`)
+before the next, so one `<seq>:<offset>` names everything a client has: the path up to
+message `seq`, which only that path leads to. Replies on a session run one at a time
+(see `replies`), so a stream never waits behind a message that is not being written.
 
 Resume: `Last-Event-ID: <seq>:<offset>` gets the rest of message `seq` from `offset`,
-then every later message, then the live tail (from memory, or from disk after a
-restart); `<seq>:<offset>d` starts at message `seq + 1`. A position the session does not
+then the rest of the path, then the live tail (from memory, or from disk after a
+restart); `<seq>:<offset>d` starts after message `seq`. A position the session does not
 have (ahead of what survived a crash, or inside a character) gets that message again
 from its start, flagged `"rewound": true`: the client replaces what it had from there.
-So does a reply rewritten in place by a regenerate, on every stream that had some of it.
-(A client that reconnects with `<seq>:<offset>d` after the last reply was rewritten to the
-same length keeps what it had: the event id does not name the attempt.)
+
+Branches: when the client's message is no longer on the active path (another tab
+switched to an alternative, edited a question, regenerated a reply; or it did so while
+the client was away), the stream sends `event: branch`, `data: {"after_seq": n}`, id
+`<n>:<length>d`: the client keeps what it shows up to message n, the last one its path
+shares with the session's, drops the rest, and the new path's messages follow. A client
+never shows a mixed path: a message whose `parent_seq` is not the message it shows
+before it says the same (a page reloads the path then).
 
 A session erased while streaming ends its streams with a `gone` event; a server that
 stops ends them cleanly (the client reconnects later with its `Last-Event-ID`).
@@ -33,6 +40,7 @@ stops ends them cleanly (the client reconnects later with its `Last-Event-ID`).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import re
 from collections.abc import AsyncIterator, Sequence
@@ -42,11 +50,12 @@ from typing import Final
 import orjson
 from sse_starlette import ServerSentEvent
 
-from .. import NotFound, SessionStore, StoredMessage, UserId, WriteBehindStore
+from .. import NotFound, SessionRecord, SessionStore, StoredMessage, UserId, WriteBehindStore
+from ..branches import parent_of
 from ..live import LiveView
 from .auth import Caller
 from .errors import ApiError
-from .replies import Replies, attempt, error_of
+from .replies import Replies, error_of
 
 __all__ = ["EVENT_ID_PATTERN", "Broker", "Position", "resume_point", "stream", "utf16_len"]
 
@@ -134,19 +143,44 @@ def _code_points(text: str, units: int) -> int | None:
 
 @dataclass(frozen=True, slots=True)
 class Position:
-    """Where a stream starts: message `seq`, after `chars` code points (`units` UTF-16
-    code units) of it; `rewound` when the client asked for a position the session does
-    not have and gets the message again from its start."""
+    """Where a stream starts: the client has message `seq` (0: nothing yet), whole or its
+    first `chars` code points (`units` UTF-16 code units), and `parent` is the message
+    before it on the path. `rewound`: the client asked for a position the session does
+    not have and gets message `seq` again from its start, flagged. `branch`: the path the
+    client shows is not the session's; it keeps what it shows up to message `seq` (a
+    `branch` event says so first), and the session's path goes on from there."""
 
-    seq: int = 1
+    seq: int = 0
+    parent: int = 0
     chars: int = 0
     units: int = 0
+    whole: bool = True
     rewound: bool = False
+    branch: bool = False
 
 
-def resume_point(header: str | None, messages: Sequence[StoredMessage]) -> Position:
-    """The position of a client that sent `Last-Event-ID: header` (None: a new client).
-    400 for a header that is not `<seq>:<offset>[d]`."""
+def _fork(path: Sequence[StoredMessage], record: SessionRecord, seq: int) -> tuple[int, int]:
+    """Where the path to message `seq` (of `record`) leaves `path`: the last message they
+    share, and the one before it ((0, 0): they share nothing, or `seq` is not known)."""
+    if seq > len(record.messages):
+        return 0, 0
+    ancestors = set()
+    at = parent_of(record.branches, seq)
+    while at > 0:
+        ancestors.add(at)
+        at = parent_of(record.branches, at)
+    fork = parent = 0
+    for m in path:
+        if m.seq not in ancestors:
+            break
+        fork, parent = m.seq, fork
+    return fork, parent
+
+
+def resume_point(header: str | None, record: SessionRecord) -> Position:
+    """The position of a client that sent `Last-Event-ID: header` (None: a new client) in
+    session `record`, along its active path. 400 for a header that is not
+    `<seq>:<offset>[d]`."""
     if header is None or header.strip() == "":
         return Position()
     match = _EVENT_ID.fullmatch(header.strip())
@@ -157,18 +191,31 @@ def resume_point(header: str | None, messages: Sequence[StoredMessage]) -> Posit
     if match[1] is None:
         return Position()  # 0:0
     seq, units, whole = int(match[1]), int(match[2]), bool(match[3])
-    if seq <= len(messages):
-        content = messages[seq - 1].content
+    path = record.path
+    at = bisect.bisect_left(path, seq, key=_seq_of)  # seqs grow along a path
+    if at < len(path) and path[at].seq == seq:
+        parent = path[at - 1].seq if at else 0
+        content = path[at].content
         chars = _code_points(content, units)
         if chars is not None and not whole:
-            return Position(seq, chars, units)
+            return Position(seq, parent, chars, units, whole=False)
         if chars == len(content) and whole:
-            return Position(seq + 1)
-    if not messages:
-        return Position()
-    # Ahead of this session (a crash lost what the client saw), or a position no client
-    # reads from this stream: the message again, whole, flagged.
-    return Position(min(seq, len(messages)), rewound=True)
+            return Position(seq, parent)
+        # A position no client reads from this stream (past the end of what survived a
+        # crash, inside a character): the message again, whole, flagged.
+        return Position(seq, parent, whole=False, rewound=True)
+    if seq <= len(record.messages):  # a message of another branch: the path forked before it
+        fork, parent = _fork(path, record, seq)
+        return Position(fork, parent, branch=True)
+    if not path:
+        return Position(branch=True)
+    # Ahead of this session (a crash lost what the client saw): the path's last message
+    # again, whole, flagged (a client also checks its `parent_seq`).
+    return Position(path[-1].seq, path[-2].seq if len(path) > 1 else 0, whole=False, rewound=True)
+
+
+def _seq_of(message: StoredMessage) -> int:
+    return message.seq
 
 
 async def stream(
@@ -181,14 +228,10 @@ async def stream(
 ) -> AsyncIterator[ServerSentEvent]:
     """The session's events from `start`, then the live tail, until the client leaves, the
     session is erased (`gone`) or the server stops."""
-    # The attempt (see `replies.attempt`) of the message this stream last sent from: the
-    # one it stands on, or the one it has whole. A regenerate rewrites that message in
-    # place; a different attempt means the client must take it again from its start.
-    seen: dict[int, int] = {}
     broker.subscribe(session_id, who.user_id)
     try:
         async with _view(store, broker, session_id, who) as view:
-            async for event in _events(view, broker, replies, session_id, start, seen):
+            async for event in _events(view, store, broker, replies, session_id, who, start):
                 yield event
     finally:  # the client left, the session is gone or the server stops: forget this listener
         broker.unsubscribe(session_id, who.user_id)
@@ -223,45 +266,72 @@ async def _view(
 
 async def _events(
     view: _Local | LiveView,
+    store: Store,
     broker: Broker,
     replies: Replies,
     session_id: str,
+    who: Caller,
     start: Position,
-    seen: dict[int, int],
 ) -> AsyncIterator[ServerSentEvent]:
-    seq, chars, units, rewound = start.seq, start.chars, start.units, start.rewound
+    # What the client has: message `have` (0: nothing) of the active path, whole or its
+    # first `chars` code points (`units` UTF-16 units); `parent` is the one before it.
+    have, parent, chars, units, whole = start.seq, start.parent, start.chars, start.units, start.whole
+    rewound, branch, refound = start.rewound, start.branch, False
     while not broker.closed:
         changed = broker.waiter(session_id)  # before reading: a change after the read wakes us
         try:
-            window = await view.messages(max(seq - 2, 0))
+            # The path from `have` on (seqs grow along a path, so what follows `parent`).
+            window = await view.messages(parent if have else 0)
         except NotFound:
             yield ServerSentEvent(event="gone", data="{}")
             return
-        rewritten = next((m for m in window if seen.get(m.seq, attempt(m)) != attempt(m)), None)
-        if rewritten is not None:
-            seq, chars, units, rewound = rewritten.seq, 0, 0, True
+        if have and (not window or window[0].seq != have):
+            # `have` left the active path (a switch, an edit, a regenerate): the client keeps
+            # what it shares with the new path, told by a `branch` event, and gets the rest.
+            # The tree is read only here. If the path moved again meanwhile (or the tree
+            # read disagrees with the view's), the path again from its start.
+            have, parent = (0, 0) if refound else await _fork_of(store, view, session_id, who, have)
+            chars, units, whole, rewound, branch, refound = 0, 0, True, False, True, True
+            continue
+        refound = False
+        if branch:
+            event_id = f"{have}:{utf16_len(window[0].content)}d" if have else "0:0"
+            yield ServerSentEvent(
+                id=event_id, event="branch", data=orjson.dumps({"after_seq": have}).decode()
+            )
+            branch = False
+        before = parent  # the parent of the message at hand: the one before it on the path
         for m in window:
-            if m.seq == seq - 1 or (m.seq == seq and chars):
-                seen.setdefault(m.seq, attempt(m))
-        for m in window:
-            if m.seq < seq:
+            if m.seq == have and whole:
+                before = m.seq
                 continue
+            skip, skip_units = (chars, units) if m.seq == have else (0, 0)
             progress = replies.progress(session_id, m, elsewhere=view.remote)
-            text = m.content[chars:]
+            text = m.content[skip:]
             if text or progress.done or rewound:
-                end = units + utf16_len(text)
-                data = {"seq": m.seq, "id": m.id, "role": m.role, "offset": units, "text": text,
-                        "done": progress.done, "interrupted": progress.interrupted,
-                        "stopped": progress.stopped, "rewound": rewound,
-                        "error": error_of(m)}  # fmt: skip
+                end = skip_units + utf16_len(text)
+                data = {"seq": m.seq, "id": m.id, "role": m.role, "parent_seq": before, "offset": skip_units,
+                        "text": text, "done": progress.done, "interrupted": progress.interrupted,
+                        "stopped": progress.stopped, "rewound": rewound, "error": error_of(m)}  # fmt: skip
                 yield ServerSentEvent(
                     id=f"{m.seq}:{end}{'d' if progress.done else ''}",
                     event="message",
                     data=orjson.dumps(data).decode(),
                 )
-                chars, units, rewound = len(m.content), end, False
-                seen = {m.seq: attempt(m)}
+                have, parent, whole, rewound = m.seq, before, progress.done, False
+                chars, units = len(m.content), end
             if not progress.done:
                 break  # the next message waits until this one is whole
-            seq, chars, units = m.seq + 1, 0, 0
+            before = m.seq
         await changed.wait()
+
+
+async def _fork_of(
+    store: Store, view: _Local | LiveView, session_id: str, who: Caller, have: int
+) -> tuple[int, int]:
+    """Where the path to message `have` leaves the session's active path (see `_fork`)."""
+    try:
+        record = await store.get_session(session_id, **who.who)
+    except NotFound:
+        return 0, 0  # the next read says `gone`
+    return _fork(await view.messages(0), record, have)
