@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +12,15 @@ import pytest
 
 from writebehind import Config, SessionStore, SQLiteBackend, WriteBehindStore
 from writebehind.backends.base import Backend
+from writebehind.backends.postgres import PostgresBackend
+
+from .pg import DSN, new_schema, postgres_schema
 
 # Flushes in tests happen when a test asks for them, unless it sets a short interval.
 QUIET = {"flush_interval_ms": 3_600_000}
 
 StoreFactory = Callable[..., Coroutine[Any, Any, WriteBehindStore]]
+Opener = Callable[..., Coroutine[Any, Any, WriteBehindStore]]
 
 
 @pytest.fixture
@@ -71,3 +76,29 @@ class GatedBackend(SQLiteBackend):
         self.loads += 1
         await asyncio.sleep(0.01)  # give concurrent callers time to pile up on one load
         return await super().load_session(session_id)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opener]:
+    """`await open_store()`: a started store; the same database on every call."""
+    async with AsyncExitStack() as stack:
+        schema = new_schema()
+        if request.param == "postgres":
+            await stack.enter_async_context(postgres_schema(schema))  # dropped at the end
+        stores: list[WriteBehindStore] = []
+
+        async def opener(**overrides: Any) -> WriteBehindStore:
+            config = Config(db_path=tmp_path / "s.db", **{**QUIET, **overrides})
+            backend: Backend = (
+                PostgresBackend(DSN, schema=schema)
+                if request.param == "postgres"
+                else SQLiteBackend(config.db_path)
+            )
+            store = WriteBehindStore(SessionStore(config.cache_size), backend, config=config)
+            await store.start()
+            stores.append(store)
+            return store
+
+        yield opener
+        for store in stores:
+            await store.aclose()

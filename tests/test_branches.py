@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import AsyncExitStack, closing
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -18,43 +17,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from writebehind import Config, SessionStore, SQLiteBackend, StorageError, ValidationError, WriteBehindStore
-from writebehind.backends.base import Backend
-from writebehind.backends.postgres import PostgresBackend
 from writebehind.branches import Branches
 from writebehind.model import decode_record, encode_record
 
-from .conftest import QUIET, StoreFactory
-from .pg import DSN, new_schema, postgres_schema
+from .conftest import QUIET, Opener, StoreFactory
 
-Opener = Callable[..., Coroutine[Any, Any, WriteBehindStore]]
 U = 7
 TEXTS = ["héllo 👋🏽", "你好世界", "مرحبا بالعالم", "e\u0301\u0301 combining", "plain"]
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opener]:
-    """`await open_store()`: a started store; the same database on every call."""
-    async with AsyncExitStack() as stack:
-        schema = new_schema()
-        if request.param == "postgres":
-            await stack.enter_async_context(postgres_schema(schema))
-        stores: list[WriteBehindStore] = []
-
-        async def opener(**overrides: Any) -> WriteBehindStore:
-            config = Config(db_path=tmp_path / "s.db", **{**QUIET, **overrides})
-            backend: Backend = (
-                PostgresBackend(DSN, schema=schema)
-                if request.param == "postgres"
-                else SQLiteBackend(config.db_path)
-            )
-            store = WriteBehindStore(SessionStore(config.cache_size), backend, config=config)
-            await store.start()
-            stores.append(store)
-            return store
-
-        yield opener
-        for store in stores:
-            await store.aclose()
 
 
 def seqs(messages: Any) -> list[int]:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -23,40 +21,9 @@ from writebehind import (
     StoredMessage,
     WriteBehindStore,
 )
-from writebehind.backends.base import Backend
-from writebehind.backends.postgres import PostgresBackend
 
-from .conftest import QUIET, StoreFactory
-from .pg import DSN, new_schema, postgres_schema
+from .conftest import QUIET, Opener, StoreFactory
 from .reliability.helpers import assert_prefixes, integrity, on_disk
-
-Opener = Callable[..., Coroutine[Any, Any, WriteBehindStore]]
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opener]:
-    """`await open_store()`: a started store; the same database on every call."""
-    async with AsyncExitStack() as stack:
-        schema = new_schema()
-        if request.param == "postgres":
-            await stack.enter_async_context(postgres_schema(schema))  # dropped at the end
-        stores: list[WriteBehindStore] = []
-
-        async def opener(**overrides: Any) -> WriteBehindStore:
-            config = Config(db_path=tmp_path / "s.db", **{**QUIET, **overrides})
-            backend: Backend = (
-                PostgresBackend(DSN, schema=schema)
-                if request.param == "postgres"
-                else SQLiteBackend(config.db_path)
-            )
-            store = WriteBehindStore(SessionStore(config.cache_size), backend, config=config)
-            await store.start()
-            stores.append(store)
-            return store
-
-        yield opener
-        for store in stores:
-            await store.aclose()
 
 
 def shape(m: StoredMessage) -> tuple[Any, ...]:
