@@ -1,18 +1,26 @@
 """What encryption at rest costs: the flush, and (nothing, it should be) the request path.
 
 Flush: two stores, one encrypting (`CHAT_SESSION_ENCRYPTION_KEY`) and one not, each on its
-own file, get the same round (`benchmarks/test_flush.py`: 100 sessions x 50 new ~500-byte
-messages) through the public API, untimed; then the plain store's flush runs (the
-baseline, timed in the setup) and the encrypting store's (timed). Both start from a
-checkpointed WAL. The encrypting side pays AES-GCM for every content and title (these
-messages have no metadata), in a thread, and one keys-store lookup a batch. Target: >= 70%
-of the plain flush's throughput.
+own file, get the same round of 100 sessions x 50 new messages through the public API,
+untimed; then the plain store's flush runs (the baseline, timed in the setup) and the
+encrypting store's (timed). Both start from a checkpointed WAL. The encrypting side pays
+AES-GCM for every content, metadata and title, and one keys-store lookup a batch. Target:
+>= 70% of the plain flush's throughput. Two rounds:
 
-On SQLite a value is stored as raw bytes (a BLOB: 37 bytes more than its text). Those 37
-bytes cost more than their share here: a ~575-byte row of this round fits 7 to a 4 KB page,
-an encrypted one 6, so SQLite writes ~17% more pages (~1 us a message); messages of mixed
-lengths pay about their share (~6%). Search does not read the rows' bytes: it decrypts and
-scans the user's own sessions (`EncryptedBackend.search`), there is no index to maintain.
+- `uniform`: the round of `benchmarks/test_flush.py`, every message ~500 ASCII bytes and no
+  metadata: the worst case for encryption. Its plain rows take SQLite's fastest path
+  (ASCII text binds with no conversion), and their size sits at a page boundary: a
+  ~575-byte row fits 7 to a 4 KB page, a sealed one (37 bytes more) 6, so SQLite writes
+  ~17% more pages for 6% more bytes.
+- `chat`: a conversation's shape: questions of ~80 characters and answers of ~900 (log-normal,
+  up to 2,000 and 8,000), words of several scripts and emoji, and the reference server's
+  metadata on every answer.
+
+On SQLite a value is stored as raw bytes (a BLOB: version byte, key id, nonce, ciphertext,
+tag), sealed in the writer's thread as the rows are made (`_seal_rows`): what encryption
+adds is AES-GCM's call (~0.65 us a value here, most of it the call, not the cipher) and
+~0.5 us of Python a message. Search does not read the rows' bytes: it decrypts and scans the
+user's own sessions (`EncryptedBackend.search`), there is no index to maintain.
 
 The same on PostgreSQL (two schemas of one server), whose `text` and `json` columns take the
 text form (`wbe1:` + base64, a third more bytes), and where a flush costs more per message so
@@ -29,8 +37,10 @@ import asyncio
 import base64
 import itertools
 import os
+import random
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +52,64 @@ from writebehind import Config, SQLiteBackend, StorageError, WriteBehindStore
 from writebehind.encryption import EncryptedBackend, keys_schema_for
 
 from .paired import run_paired
-from .test_flush import MESSAGES, ROUNDS, Round, fill, new_round
+from .test_flush import MESSAGES, PER_SESSION, ROUNDS, SESSIONS, Round, fill, new_round
 
 DSN = "postgresql://postgres@127.0.0.1:5432/test"
 OPS = 1000
 APPEND_ROUNDS = 60
 CONTENT = "x" * 500
 _ids = itertools.count()
+
+
+_WORDS = ("the", "session", "store", "writes", "behind", "naïve", "café", "你好", "世界", "שלום",
+          "مرحبا", "🙂", "e\u0301", "flush", "a", "of", "😀👍🏽")  # fmt: skip
+_chat_rounds = itertools.count()
+
+
+@dataclass(frozen=True)
+class ChatRound:
+    sessions: list[tuple[str, int]]
+    # session id, seq, message id, role, content, metadata
+    messages: list[tuple[str, int, str, str, str, dict[str, Any] | None]]
+
+
+def _words(rng: random.Random, chars: int) -> str:
+    out: list[str] = []
+    size = 0
+    while size < chars:
+        word = rng.choice(_WORDS)
+        out.append(word)
+        size += len(word) + 1
+    return " ".join(out)
+
+
+def new_chat_round() -> ChatRound:
+    """100 conversations of 50 messages: questions (~80 characters), answers (~900), both
+    log-normal, in several scripts; each answer with the metadata the chat server keeps."""
+    r = next(_chat_rounds)
+    rng = random.Random(r)
+    sessions = [(f"c{r}-s{s}", s % 10) for s in range(SESSIONS)]
+    messages = []
+    for sid, _ in sessions:
+        for seq in range(1, PER_SESSION + 1):
+            mid = os.urandom(16).hex()
+            if seq % 2:
+                content = _words(rng, int(min(2_000, rng.lognormvariate(4.4, 0.9))))
+                messages.append((sid, seq, mid, "user", content, None))
+            else:
+                content = _words(rng, int(min(8_000, rng.lognormvariate(6.8, 0.7))))
+                messages.append((sid, seq, mid, "assistant", content, {"done": True}))
+    return ChatRound(sessions, messages)
+
+
+async def fill_chat(store: WriteBehindStore, data: ChatRound) -> None:
+    for sid, user in data.sessions:
+        await store.ensure_session(sid, user_id=user, title=f"chat {sid} ✓")
+    users = dict(data.sessions)
+    for sid, _seq, mid, role, content, metadata in data.messages:
+        await store.append_message(
+            sid, user_id=users[sid], role=role, content=content, message_id=mid, metadata=metadata
+        )
 
 
 def _sqlite(store: WriteBehindStore) -> SQLiteBackend:
@@ -104,24 +165,27 @@ async def _drop(schemas: list[str]) -> None:
 
 # Two stores filled through the API each round: minutes on a busy shared VM.
 @pytest.mark.timeout(900)
+@pytest.mark.parametrize("shape", ["uniform", "chat"])
 def test_flush_encrypted(
     benchmark: BenchmarkFixture,
     loop: asyncio.AbstractEventLoop,
     pair: tuple[WriteBehindStore, WriteBehindStore],
+    shape: str,
 ) -> None:
     plain, encrypted = pair
     engine = "PostgreSQL" if plain.config.db_url else "SQLite"
-    benchmark.group = f"flush {MESSAGES} messages, encrypted ({engine})"
-    current: list[Round] = []
+    benchmark.group = f"flush {MESSAGES} messages, encrypted ({engine}, {shape} round)"
+    current: list[Round | ChatRound] = []
 
     def ready(store: WriteBehindStore) -> Callable[[], Coroutine[Any, Any, None]]:
-        loop.run_until_complete(fill(store, current[0]))
+        data = current[0]
+        loop.run_until_complete(fill(store, data) if isinstance(data, Round) else fill_chat(store, data))
         if store.config.db_url is None:
             loop.run_until_complete(_sqlite(store).writer.execute_fetchall("PRAGMA wal_checkpoint(TRUNCATE)"))
         return store.flush
 
     def baseline() -> Callable[[], Coroutine[Any, Any, None]]:
-        current[:] = [new_round()]
+        current[:] = [new_round() if shape == "uniform" else new_chat_round()]
         return ready(plain)
 
     run_paired(

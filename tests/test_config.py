@@ -70,3 +70,13 @@ def test_the_ownership_timeouts_are_read_and_checked() -> None:
         for bad in ("0", "-1", "nan", "soon"):
             with pytest.raises(ConfigError, match=var):
                 Config.from_env({var: bad})
+
+
+def test_max_dirty_bytes_defaults_to_256_mib_and_is_read_and_checked() -> None:
+    assert Config().max_dirty_bytes == 256 * 1024 * 1024
+    assert Config.from_env({"CHAT_SESSION_MAX_DIRTY_BYTES": "65536"}).max_dirty_bytes == 65536
+    for bad in ("0", "-1", "1.5", "256MiB", "nan"):
+        with pytest.raises(ConfigError, match="CHAT_SESSION_MAX_DIRTY_BYTES"):
+            Config.from_env({"CHAT_SESSION_MAX_DIRTY_BYTES": bad})
+    with pytest.raises(ConfigError, match="max_dirty_bytes"):
+        Config(max_dirty_bytes=0)

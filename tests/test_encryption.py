@@ -4,7 +4,9 @@ backup restored afterwards, key rotation, a wrong key, tampering, and the hot pa
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import os
 import sqlite3
 import subprocess
@@ -98,8 +100,19 @@ async def test_content_titles_and_metadata_round_trip_with_non_ascii_text(db: Pa
         await store.pop_message("s1", user_id=1)
         await store.ensure_session("untitled", user_id="alice")
         await store.ensure_session("long", user_id="alice", title="long")
-        for i in range(150):
-            await store.append_message("long", user_id="alice", role="user", content=f"message {i} ∑ {i}")
+        # Past 2,048 messages: the associated data of such seqs is made, not looked up.
+        for i in range(2_100):
+            meta = {"i": i, "ключ": "值"} if i % 7 == 0 else None
+            await store.append_message(
+                "long", user_id="alice", role="user", content=f"message {i} ∑ {i}", metadata=meta
+            )
+            if i == 2_060:  # a flush, then edits of stored rows on both sides of 2,048
+                await store.flush()
+                for seq in (2_040, 2_060):
+                    stored = (await store.get_messages("long", user_id="alice", after_seq=seq - 1, limit=1))[
+                        0
+                    ]
+                    await store.update_message("long", stored.id, user_id="alice", metadata={"edited": "✓"})
         expected = {
             sid: await store.get_session(sid, user_id=user)
             for sid, user in (("s1", 1), ("untitled", "alice"), ("long", "alice"))
@@ -456,14 +469,37 @@ async def test_a_tampered_value_raises_a_typed_error_naming_the_session_and_noth
             await store.get_session("victim", user_id=1)
 
 
-async def test_a_lost_keys_file_is_a_loud_error_not_missing_data(db: Path) -> None:
+async def test_a_lost_keys_file_refuses_the_start_and_is_not_replaced_by_an_empty_one(db: Path) -> None:
     key = new_key()
     async with store_for(db, key) as store:
         await fill(store, "s1", 1)
-    keys_path_for(db).unlink()
-    async with store_for(db, key) as store:  # a new, empty keys file
+    keys = keys_path_for(db)
+    saved = keys.read_bytes()
+    keys.unlink()
+    store = store_for(db, key)
+    with pytest.raises(ConfigError, match="does not exist, but the database holds encrypted rows"):
+        await store.start()
+    assert not keys.exists(), "no empty keys file made in its place"
+    # The keys file back from its backup: everything reads again.
+    keys.write_bytes(saved)
+    async with store_for(db, key) as store:
+        assert (await store.get_messages("s1", user_id=1))[0].content == f"{CONTENTS[0]} {MARKER}"
+    # A keys file whose keys are not the rows' (another database's) is a loud error on read.
+    keys.unlink()
+    async with store_for(tmp := db.with_name("other.db"), key) as other:
+        await fill(other, "x", 1)
+    keys_path_for(tmp).rename(keys)
+    async with store_for(db, key) as store:
         with pytest.raises(DecryptionError, match="not in the keys file"):
             await store.get_messages("s1", user_id=1)
+
+
+async def test_a_plain_file_turning_encryption_on_makes_its_keys_file(db: Path) -> None:
+    async with store_for(db, None) as store:
+        await fill(store, "plain", 1)
+    async with store_for(db, new_key()) as store:  # no keys file, no encrypted row: a first start
+        assert (await store.get_session("plain", user_id=1)).title == f"{TITLE} {MARKER}"
+    assert keys_path_for(db).exists()
 
 
 # -- the hot path, and data from before encryption ---------------------------------------------
@@ -741,6 +777,15 @@ async def test_postgres_keeps_keys_in_their_own_schema_and_erasure_reaches_a_res
             ]
             assert await store.delete_user(1) == 1
 
+        # The keys schema lost: the start is refused, no empty one is made in its place.
+        await conn.execute(f"ALTER SCHEMA {pg_schema}_keys RENAME TO {pg_schema}_k")
+        try:
+            with pytest.raises(ConfigError, match="does not exist, but the database holds encrypted rows"):
+                await pg_store(pg_schema, key).start()
+            assert await conn.fetchval("SELECT to_regnamespace($1) IS NULL", pg_schema + "_keys")
+        finally:
+            await conn.execute(f"ALTER SCHEMA {pg_schema}_k RENAME TO {pg_schema}_keys")
+
         # The restore of the dump taken before the erasure.
         await conn.execute(f"DELETE FROM {pg_schema}.sessions")
         for table, rows in (("sessions", sessions), ("messages", messages)):
@@ -825,3 +870,67 @@ async def test_an_encrypted_file_is_refused_without_its_key(tmp_path: Path) -> N
         await store.ensure_session("s", user_id=1)
     with pytest.raises(ConfigError, match="CHAT_SESSION_ENCRYPTION_KEY"):
         WriteBehindStore.from_config(Config(db_path=db))
+
+
+async def test_a_seal_that_fails_in_the_writer_thread_writes_nothing_and_the_retry_writes_all(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows are sealed inside SQLite's write transaction: a failure there (the cipher
+    refusing) rolls the batch back, nothing half-sealed or in the clear reaches the file,
+    the data stays in memory, and once sealing works again it all reaches the disk."""
+    key = new_key()
+    real = enc._seal_rows
+    refusing = [True]
+    calls = []
+
+    def sealing(*args: Any) -> Any:
+        calls.append(1)
+        if refusing[0]:
+            raise RuntimeError("the cipher refused")
+        return real(*args)
+
+    monkeypatch.setattr(enc, "_seal_rows", sealing)
+    async with store_for(db, key) as store:
+        for sid in ("a", "b"):
+            await fill(store, sid, 1)
+        with contextlib.suppress(Exception):
+            await store.flush()
+        assert calls, "the batch was offered to the disk"
+        assert store.stats().dirty_sessions == 2
+        conn = sqlite3.connect(db)
+        try:
+            assert conn.execute("SELECT count(*) FROM messages").fetchone() == (0,)
+            assert conn.execute("SELECT count(*) FROM sessions").fetchone() == (0,)
+        finally:
+            conn.close()
+        refusing[0] = False
+        await store.flush()
+        assert store.stats().dirty_sessions == 0
+        expected = [m.content for m in (await store.get_session("a", user_id=1)).messages]
+    async with store_for(db, key) as store:
+        assert [m.content for m in (await store.get_session("a", user_id=1)).messages] == expected
+        assert (await store.get_session("b", user_id=1)).title == f"{TITLE} {MARKER}"
+    assert MARKER.encode() not in db.read_bytes()
+
+
+async def test_a_cancelled_flush_of_an_encrypted_batch_still_commits_it_whole(db: Path) -> None:
+    """A flush cancelled while its sealed batch is being written: the write transaction
+    (sealing included) runs to its end in the writer's thread, or never starts."""
+    key = new_key()
+    async with store_for(db, key) as store:
+        for i in range(30):
+            await fill(store, f"s{i}", i % 3)
+        task = asyncio.ensure_future(store.flush())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await store.flush()
+        want = {f"s{i}": [m.content for m in (await store.get_session(f"s{i}", user_id=i % 3)).messages]
+                for i in range(30)}  # fmt: skip
+    async with store_for(db, key) as store:
+        for i in range(30):
+            assert [m.content for m in (await store.get_session(f"s{i}", user_id=i % 3)).messages] == want[
+                f"s{i}"
+            ]

@@ -26,6 +26,7 @@ async def test_metrics_expose_stats_and_no_content(make_store: StoreFactory) -> 
     assert value("writebehind_batches_flushed_total") == 1
     assert value("writebehind_messages_flushed_total") == 1
     assert value("writebehind_dirty_sessions") == 1
+    assert value("writebehind_dirty_bytes") == len("PRIVATE 2")
     assert value("writebehind_hot_sessions") == 1
     assert value("writebehind_consecutive_failures") == 0
     assert value("writebehind_last_successful_flush_timestamp_seconds") > 1.7e9

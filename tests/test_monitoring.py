@@ -292,3 +292,27 @@ async def test_postgres_reports_its_tables_size_and_what_they_hold(tmp_path: Pat
         assert value(text, "writebehind_sessions_on_disk") == 5
         assert "writebehind_wal_bytes " not in text
         assert not list(tmp_path.iterdir())  # no status file: it is the SQLite file's
+
+
+async def test_the_status_file_has_the_apps_last_word_after_it_stops(
+    make_store: StoreFactory, db_path: Path, tmp_path: Path
+) -> None:
+    """A backup made, then one that failed, moments before the app stops (before any
+    housekeeping round could report them): `writebehind stats` run after the stop shows
+    both, and the failure's reason."""
+    backups = tmp_path / "b"
+    store = await make_store(backup_dir=backups)
+    await seed(store)
+    assert store.backups is not None
+    await until(lambda: store.stats().backups_made == 1)
+    await store.backups.run_once()
+    # The next copy cannot be made there (a file where the directory was: root ignores modes).
+    backups.rename(tmp_path / "moved")
+    backups.write_text("not a directory")
+    with pytest.raises(StorageError):
+        await store.backups.run_once()
+    await store.aclose()
+    status = read_status(status_path_for(db_path))
+    assert status is not None
+    assert (status["backups_made"], status["backup_failures"]) == (2, 1)
+    assert status["last_backup_error"] and str(backups) in status["last_backup_error"]

@@ -23,7 +23,7 @@ from .errors import (
 from .model import SessionRecord, SessionSummary, StoredMessage, UserId
 from .policy import PersistencePolicy, authenticated_only, persist_nothing
 from .stats import StoreStats
-from .store import UNSET, SessionStore
+from .store import UNSET, SessionStore, SessionTree
 from .writebehind import WriteBehindStore
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "SessionRecord",
     "SessionStore",
     "SessionSummary",
+    "SessionTree",
     "StorageError",
     "StoreStats",
     "StoredMessage",

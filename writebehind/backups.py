@@ -16,32 +16,41 @@ What a caller may rely on:
   read-only anywhere), checked with `PRAGMA integrity_check`, synced, then linked to its
   name: a file under a backup's name is always whole and checked. Mode 0600; the
   directory is created (0700) if missing. Use one directory per database: rotation
-  deletes every file that has this database's backup names.
-- **Flushes are not held up.** The copy is one step of the backup API, that is one read
-  transaction, and in WAL mode a reader never blocks the writer. Not several steps: a
-  copy in steps from another connection starts again from its first page whenever the
-  writer commits between two of them (`tests/test_backups.py` shows it), so under steady
-  writes it would never end (measured once on this project's VM, a 51 MB file and a commit
-  every 20 ms: steps of 256 pages had restarted 918 times after 20 s; one step took 0.12 s). Only a checkpoint
-  cannot pass the copy's snapshot while it runs: the WAL grows for that long. One
-  exception: an erasure ends with a truncating checkpoint, which waits for readers (up to
-  `busy_timeout`); during a copy it waits for the copy's end, and the flushes queued behind
-  the erasure with it.
+  deletes every file that has this database's backup names. Relative paths are taken
+  from the working directory at construction (a later chdir moves nothing).
+  `copy_database()` makes one the same way at a path of the caller's (`writebehind backup`).
+- **Flushes are not held up.** The copy is one read transaction, and in WAL mode a
+  reader never blocks the writer. It reads in steps of `_STEP_PAGES` inside that one
+  transaction, holding its snapshot from the first step to the last: a copy in steps that
+  lets go of its snapshot between them starts again from its first page whenever the
+  writer commits (`tests/test_backups.py` shows it; measured once on this project's VM,
+  a 51 MB file and a commit every 20 ms: steps of 256 pages had restarted 918 times after
+  20 s), one that holds it never does. Only a checkpoint cannot pass the copy's snapshot
+  while it runs: the WAL grows for that long. An erasure ends with a truncating
+  checkpoint, which waits for readers (up to `busy_timeout`), and the flushes queued
+  behind the erasure wait with it: `interrupt()` stops the copy within a step (a few ms)
+  so that it need not wait; that copy is no failure and is made again a minute later.
+  (Measured without it: an erasure during a copy of more than `busy_timeout`'s worth held
+  a flush for 5 s and left the erased pages in the WAL.)
 - **When.** The first backup is due one interval after the newest backup already in the
   directory, or at once if there is none or the newest is older than one interval: a
   restart neither skips a backup nor repeats one. Then one every interval after the end
-  of the last attempt.
+  of the last attempt. A backup dated after now (made while the clock was wrong) puts
+  nothing off, and is the first to rotate out.
 - **Failures** are logged (the error, no content), counted in `stats()`
   (`backup_failures`, `consecutive_backup_failures`, `last_backup_error`) and in the
-  metrics, and the backup is retried at the next interval. A failing backup never touches
+  metrics, and the backup is tried again a minute later, then 2, 4, 8... minutes after
+  each failure in a row, up to the interval. A failing backup never touches
   the flushes: it has no part in their path.
 - **Rotation** runs after every attempt, failed ones too: the newest `keep` backups are
-  kept, and any backup older than `retention_days` is deleted whatever `keep` says, so no
-  copy outlives the retention policy by more than that policy (a session retention removes
-  from the database is gone from every backup at most `retention_days` later). With the
-  defaults (28 backups, 6 hours apart) a backup lives 7 days.
-- **Shutdown.** `aclose()` stops the schedule. A copy in progress is told to stop (its
-  integrity check is interrupted) and waited for up to `grace` seconds; one still
+  kept, and any backup older than `retention_days` is deleted whatever `keep` says; the
+  schedule also wakes when the oldest passes that age, between two backups (an interval
+  longer than the retention period, a backup left from before a long stop). So a session
+  retention removes from the database is gone from every backup at most `retention_days`
+  later (while the app runs: a stopped app deletes nothing). With the defaults (28
+  backups, 6 hours apart) a backup lives 7 days.
+- **Shutdown.** `aclose()` stops the schedule. A copy in progress is told to stop (at its
+  next step, or its integrity check is interrupted) and waited for up to `grace` seconds; one still
   running then is left to end on its own and remove its temporary file (a stale one is
   removed at the next start).
 
@@ -52,6 +61,7 @@ What a caller may rely on:
 from __future__ import annotations
 
 import asyncio
+import binascii
 import contextlib
 import logging
 import os
@@ -71,7 +81,15 @@ from .model import utcnow
 from .ownership import FileLock
 from .stats import StoreStats
 
-__all__ = ["Backup", "BackupScheduler", "backup_name", "list_backups", "restore_backup"]
+__all__ = [
+    "Backup",
+    "BackupContents",
+    "BackupScheduler",
+    "backup_name",
+    "copy_database",
+    "list_backups",
+    "restore_backup",
+]
 
 LOG = logging.getLogger("writebehind")
 
@@ -79,6 +97,19 @@ _STAMP: Final = "%Y%m%dT%H%M%S"
 # How long the schedule sleeps at most before it looks at the clock again: a wall clock
 # that jumps (a suspended VM) is followed within this.
 _RECHECK_S: Final = 60.0
+# A backup named more than this after the clock's now was made while the clock was wrong (or
+# copied from elsewhere): it must neither put the next backup off until that date nor be kept
+# as the newest until then.
+_FUTURE_SKEW: Final = timedelta(minutes=1)
+# Pages a copy step reads (4 MB at SQLite's default page size; ~10 ms here): how long a
+# copy takes at most to stop when told to.
+_STEP_PAGES: Final = 1024
+# A copy stopped for an erasure's checkpoint (`interrupt()`) is made again this much later.
+_RETRY_INTERRUPTED_S: Final = 60.0
+# A failed backup is tried again this much later, doubled at each failure in a row, up to
+# the interval: a disk full for a minute must not cost the 6 hours to the next backup,
+# and a disk that stays broken is not hammered.
+_RETRY_FAILED_S: Final = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,8 +186,10 @@ class BackupScheduler:
             raise ValueError(f"keep must be >= 1, got {keep!r}")
         if not interval_hours > 0:
             raise ValueError(f"interval_hours must be > 0, got {interval_hours!r}")
-        self.db_path = Path(db_path)
-        self.directory = Path(directory)
+        # Absolute now: a relative path means the working directory the store started in,
+        # not the one a later chdir (a daemon's, a test runner's) leaves.
+        self.db_path = Path(db_path).absolute()
+        self.directory = Path(directory).absolute()
         self._interval = timedelta(hours=interval_hours)
         self._keep = keep
         self._retention_days = retention_days
@@ -174,6 +207,10 @@ class BackupScheduler:
         self._last_at: datetime | None = None
         self._last_error: str | None = None
         self._kept: int | None = None
+        # The oldest backup kept (not counting any dated in the future): when it passes the
+        # retention period the schedule wakes to delete it, not only at the next backup.
+        self._oldest: datetime | None = None
+        self._retry_soon = False
 
     def __repr__(self) -> str:
         return f"BackupScheduler({str(self.db_path)!r} -> {str(self.directory)!r})"
@@ -182,6 +219,17 @@ class BackupScheduler:
     def next_run_at(self) -> datetime | None:
         """When the schedule makes the next backup (None before `start()`)."""
         return self._due
+
+    @property
+    def next_expiry_at(self) -> datetime | None:
+        """When the oldest backup kept passes the retention period: the schedule deletes it
+        then, between two backups if need be (None: no backup, or not known yet)."""
+        if self._oldest is None:
+            return None
+        try:
+            return self._oldest + timedelta(days=self._retention_days)
+        except OverflowError:
+            return None
 
     @classmethod
     def from_config(cls, config: Config, db_path: str | os.PathLike[str] | None) -> BackupScheduler | None:
@@ -218,25 +266,76 @@ class BackupScheduler:
             existing = list_backups(self.directory, self.db_path)
         except StorageError:
             existing = []
-        self._due = now if not existing else max(now, existing[0].taken_at + self._interval)
+        past = [b for b in existing if b.taken_at <= now + _FUTURE_SKEW]
+        if len(past) < len(existing):
+            LOG.warning(
+                "backups: %d in %s are dated after now (%s): the clock was wrong when they were made; "
+                "they are rotated out first",
+                len(existing) - len(past),
+                self.directory,
+                now.isoformat(),
+            )
+        self._due = now if not past else max(now, past[0].taken_at + self._interval)
         self._kept = len(existing)
+        self._oldest = past[-1].taken_at if past else None
         self._task = asyncio.create_task(self._run(), name="writebehind-backups")
 
     async def _run(self) -> None:
         while True:
             assert self._due is not None
-            wait = (self._due - self._clock()).total_seconds()
-            if wait > 0:
-                await asyncio.sleep(min(wait, _RECHECK_S))
+            now = self._clock()
+            if now >= self._due:
+                self._retry_soon = False
+                with contextlib.suppress(StorageError):  # logged and counted by run_once
+                    await self.run_once()
+                self._due = self._clock() + self._wait()
                 continue
-            with contextlib.suppress(StorageError):  # logged and counted by run_once
-                await self.run_once()
-            self._due = self._clock() + self._interval
+            expiry = self.next_expiry_at
+            if expiry is not None and now > expiry:
+                await self._expire(now)
+                continue
+            until = self._due if expiry is None else min(self._due, expiry)
+            # At least a millisecond: a backup expires once the clock is past its expiry.
+            await asyncio.sleep(min(max((until - now).total_seconds(), 0.001), _RECHECK_S))
+
+    def _wait(self) -> timedelta:
+        """How long after an attempt the next one is due: a minute after a copy stopped for
+        an erasure; after failures in a row, `_RETRY_FAILED_S` doubled at each, up to the
+        interval; else the interval."""
+        if self._retry_soon:
+            return timedelta(seconds=_RETRY_INTERRUPTED_S)
+        if self._consecutive:
+            backoff = _RETRY_FAILED_S * 2 ** min(self._consecutive - 1, 30)
+            return min(self._interval, timedelta(seconds=backoff))
+        return self._interval
+
+    async def _expire(self, now: datetime) -> None:
+        """Between two backups: delete those that have just passed the retention period (a
+        retention shorter than the interval, or a backup left from before a long stop)."""
+        async with self._one_at_a_time:
+            await self._previous_ended()
+            if self._closed:
+                return
+            try:
+                kept, deleted, oldest = await asyncio.to_thread(self._prune, now)
+            except (OSError, StorageError) as exc:
+                self._oldest = None  # tried again by the next backup's rotation, not in a loop
+                LOG.error("backups: rotation in %s failed: %s", self.directory, _describe(exc))
+                return
+        self._kept, self._oldest = kept, oldest
+        if deleted:
+            LOG.info(
+                "backups: deleted %d in %s older than the retention period (%d days)",
+                len(deleted),
+                self.directory,
+                self._retention_days,
+            )
 
     async def run_once(self) -> Backup:
         """Make a backup now, then rotate; returns it. Raises `StorageError` if it failed
         (also logged and counted in `stats()`). One at a time: a second call waits."""
         async with self._one_at_a_time:
+            await self._previous_ended()
             if self._closed:
                 raise ClosedError("the backup schedule is closed")
             now = self._clock().astimezone(UTC)
@@ -261,9 +360,27 @@ class BackupScheduler:
             self._swept = True
             return self._record(outcome, started)
 
+    async def _previous_ended(self) -> None:
+        """Wait for the thread of a copy whose caller was cancelled (it was told to stop):
+        one copy at a time, or the next one's sweep of stale temporary files could remove
+        that copy's, or that copy's sweep the next one's."""
+        job = self._job
+        if job is not None and job.future is not None and not job.future.done():
+            await asyncio.wait([job.future])
+
+    def interrupt(self) -> bool:
+        """Stop a copy that is reading the database, within one step (a few ms), so that a
+        checkpoint waiting for its snapshot can pass: call it before an erasure's truncating
+        checkpoint. Such a copy is no failure: it leaves no file and is made again a minute
+        later. Returns whether a copy was stopped. From the event loop's thread."""
+        job = self._job
+        if job is None or job.future is None or job.future.done():
+            return False
+        return job.interrupt()
+
     def _record(self, outcome: _Outcome, started: datetime) -> Backup:
         if outcome.kept is not None:
-            self._kept = outcome.kept
+            self._kept, self._oldest = outcome.kept, outcome.oldest
         if outcome.deleted:
             LOG.info(
                 "backups: deleted %d in %s (%s)",
@@ -273,17 +390,25 @@ class BackupScheduler:
             )
         if outcome.prune_error is not None:
             LOG.error("backups: rotation in %s failed: %s", self.directory, _describe(outcome.prune_error))
+        if outcome.backup is None and self._job is not None and self._job.interrupted:
+            self._retry_soon = True
+            LOG.info(
+                "backups: a copy into %s stopped for an erasure; made again in %.0f s",
+                self.directory,
+                _RETRY_INTERRUPTED_S,
+            )
+            raise _Stopped(f"the backup of {self.db_path} was interrupted; it is made again soon")
         if outcome.backup is None:
             error = outcome.error or StorageError("the copy did not finish")
             self._failures += 1
             self._consecutive += 1
             self._last_error = _describe(error)
             LOG.error(
-                "backup of %s into %s failed (%s); retrying in %.1f hours",
+                "backup of %s into %s failed (%s); tried again in %.0f s",
                 self.db_path,
                 self.directory,
                 self._last_error,
-                self._interval.total_seconds() / 3600,
+                self._wait().total_seconds(),
             )
             raise StorageError(f"backup of {self.db_path} failed: {self._last_error}") from error
         self._made += 1
@@ -293,10 +418,14 @@ class BackupScheduler:
         LOG.info("backup written to %s (%d bytes, integrity ok)", outcome.backup.path, outcome.backup.size)
         return outcome.backup
 
-    def _prune(self, now: datetime) -> tuple[int, list[Path]]:
-        """In the backup's thread: delete what rotation and retention say; returns (how
-        many are kept, the paths deleted)."""
-        backups = list_backups(self.directory, self.db_path)
+    def _prune(self, now: datetime) -> tuple[int, list[Path], datetime | None]:
+        """In a thread: delete what rotation and retention say; returns (how many are kept,
+        the paths deleted, the time of the oldest kept that is not dated in the future)."""
+        # Newest first, but a backup dated in the future (a wrong clock once) counts as the
+        # oldest: it rotates out first instead of being kept as the newest until that date.
+        backups = sorted(
+            list_backups(self.directory, self.db_path), key=lambda b: b.taken_at > now + _FUTURE_SKEW
+        )
         try:
             cutoff: datetime | None = now - timedelta(days=self._retention_days)
         except OverflowError:  # a retention longer than the calendar: nothing is that old
@@ -315,7 +444,8 @@ class BackupScheduler:
             except OSError as exc:
                 raise StorageError(f"cannot delete the backup {b.path}: {exc.strerror}") from exc
             deleted.append(b.path)
-        return len(backups) - len(deleted), deleted
+        left = [b.taken_at for b in backups if b.path not in deleted and b.taken_at <= now + _FUTURE_SKEW]
+        return len(backups) - len(deleted), deleted, min(left, default=None)
 
     def fill(self, stats: StoreStats) -> StoreStats:
         """`stats` with this schedule's figures."""
@@ -355,6 +485,7 @@ class _Outcome:
     backup: Backup | None = None
     error: BaseException | None = None
     kept: int | None = None
+    oldest: datetime | None = None
     deleted: list[Path] = field(default_factory=list)
     prune_error: BaseException | None = None
 
@@ -375,9 +506,11 @@ class _Job:
         taken_at: datetime,
         busy_timeout_ms: int,
         sweep: bool,
-        prune: Callable[[], tuple[int, list[Path]]],
+        prune: Callable[[], tuple[int, list[Path], datetime | None]],
+        make_directory: bool = True,
     ) -> None:
         self._source = source
+        self._make_directory = make_directory
         self._final = final
         self._tmp = final.with_name(f".{final.name}.tmp")
         self._taken_at = taken_at
@@ -387,6 +520,9 @@ class _Job:
         self._stop = threading.Event()
         self._guard = threading.Lock()
         self._target: sqlite3.Connection | None = None
+        self._copying = False
+        # Stopped by `interrupt()` (an erasure), not by shutdown: not a failure, made again soon.
+        self.interrupted = False
         self.future: asyncio.Future[_Outcome] | None = None
 
     def start(self) -> asyncio.Future[_Outcome]:
@@ -416,25 +552,30 @@ class _Job:
     def _run(self) -> _Outcome:
         outcome = _Outcome()
         try:
-            outcome.backup = self._make()
+            outcome.backup = self.make()
         except BaseException as exc:  # in a thread of its own: everything goes back to the loop
             outcome.error = exc
         if not self._stop.is_set():
             try:
-                outcome.kept, outcome.deleted = self._prune()
+                outcome.kept, outcome.deleted, outcome.oldest = self._prune()
             except (OSError, StorageError) as exc:
                 outcome.prune_error = exc
         return outcome
 
-    def _make(self) -> Backup:
+    def make(self) -> Backup:
+        """The copy, in the calling thread."""
         directory = self._final.parent
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self._make_directory:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self._sweep:
             _remove_stale_temps(directory, self._source)
-        if self._final.exists():
-            raise StorageError(f"{self._final} exists already (two backups in one millisecond?)")
+        if self._final.exists() or self._final.is_symlink():
+            raise StorageError(f"{self._final} exists; refusing to overwrite it")
         # O_EXCL: never through a file or link someone planted under the temporary name.
-        os.close(os.open(self._tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        try:
+            os.close(os.open(self._tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except OSError as exc:
+            raise StorageError(f"cannot create {self._final}: {exc.strerror}") from exc
         try:
             self._copy()
             if self._stop.is_set():
@@ -447,15 +588,46 @@ class _Job:
             _remove_with_journal(self._tmp)
         return Backup(self._final, self._taken_at, self._final.stat().st_size)
 
+    def interrupt(self) -> bool:
+        """From the loop: stop the copy if it still reads the source (its snapshot is what a
+        checkpoint waits for); returns whether it did."""
+        with self._guard:
+            if not self._copying:
+                return False
+            self.interrupted = True
+        self._stop.set()
+        return True
+
+    def _progress(self, status: int, remaining: int, total: int) -> None:
+        # Between two steps: the place a copy can stop (raised out of `backup()`).
+        if self._stop.is_set():
+            raise _Stopped(
+                "stopped for an erasure's checkpoint"
+                if self.interrupted
+                else "stopped by shutdown before it was done"
+            )
+
     def _copy(self) -> None:
         source = sqlite3.connect(_readonly_uri(self._source), uri=True, isolation_level=None)
         try:
             source.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
             target = sqlite3.connect(self._tmp, isolation_level=None, check_same_thread=False)
             try:
-                # One step (pages=-1, the default): one read transaction, which the writer
-                # never waits for in WAL mode (see the module's docstring for why not steps).
-                source.backup(target)
+                # In steps, inside one read transaction held from the first to the last: every
+                # step reads the same snapshot, which the writer never waits for in WAL mode,
+                # and which no commit restarts (a copy in steps that lets go of its snapshot
+                # between them starts over at each commit: see the module's docstring). Steps
+                # let the copy stop between two of them (shutdown; an erasure: `interrupt()`).
+                source.execute("BEGIN")
+                source.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                with self._guard:
+                    self._copying = True
+                try:
+                    source.backup(target, pages=_STEP_PAGES, progress=self._progress)
+                finally:
+                    with self._guard:
+                        self._copying = False
+                    source.close()  # the snapshot goes now: the integrity check needs none
                 with self._guard:
                     self._target = target
                 if self._stop.is_set():
@@ -474,7 +646,9 @@ class _Job:
         finally:
             source.close()
         if problems:
-            raise StorageError(f"the copy failed its integrity check: {'; '.join(problems)}")
+            raise StorageError(
+                f"the backup at {self._final} failed its integrity check: {'; '.join(problems)}"
+            )
 
 
 _TABLES: Final = "SELECT name FROM sqlite_master WHERE type = 'table'"
@@ -498,11 +672,13 @@ def _remove_with_journal(path: Path) -> None:
 
 
 def _remove_stale_temps(directory: Path, db_path: Path) -> None:
-    """The temporary files of backups of this database that a crash or a shutdown left."""
-    prefix = f".{db_path.stem}-"
+    """The temporary files of backups of this database that a crash or a shutdown left: its
+    backups' names exactly (`chat-old.db`'s backup in progress in the same directory is not
+    `chat.db`'s to remove)."""
+    pattern = re.compile(r"\." + _name_pattern(db_path).pattern + r"\.tmp(?:-journal|-wal|-shm)?")
     with contextlib.suppress(OSError):
         for name in os.listdir(directory):
-            if name.startswith(prefix) and ".tmp" in name:
+            if pattern.fullmatch(name):
                 with contextlib.suppress(OSError):
                     (directory / name).unlink()
                     LOG.info("backups: removed a stale temporary file %s", directory / name)
@@ -523,7 +699,42 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def copy_database(db_path: Path, dest: Path, *, busy_timeout_ms: int = 5000) -> Backup:
+    """A backup of the SQLite file at `db_path` made now at `dest`, as the schedule makes
+    them (see the module's docstring): consistent while an app writes, one self-contained
+    file, integrity-checked, mode 0600, under a temporary name until it is whole. `dest`'s
+    directory must exist, and `dest` must not. Raises `StorageError`, leaving nothing at
+    `dest` (a full disk included)."""
+    if not Path(db_path).is_file():
+        raise StorageError(f"{db_path} does not exist")
+    job = _Job(
+        source=Path(db_path),
+        final=Path(dest),
+        taken_at=utcnow(),
+        busy_timeout_ms=busy_timeout_ms,
+        sweep=False,
+        prune=lambda: (0, [], None),
+        make_directory=False,
+    )
+    try:
+        return job.make()
+    except sqlite3.Error as exc:
+        raise StorageError(f"{db_path}: backup to {dest} failed: {exc}") from exc
+    except OSError as exc:
+        raise StorageError(f"{db_path}: backup to {dest} failed: {exc.strerror or exc}") from exc
+
+
 # -- restoring ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BackupContents:
+    """What a restore found in a backup's encrypted sessions (all zero for a plain one):
+    how many data keys its sessions are sealed with, and how many of those the keys file
+    holds destroyed (users erased since: their sessions in it stay unreadable)."""
+
+    data_keys: int = 0
+    erased: int = 0
 
 
 def restore_backup(
@@ -531,6 +742,8 @@ def restore_backup(
     db_path: Path,
     *,
     confirm: Callable[[], None] | None = None,
+    keys_path: Path | None = None,
+    checked: Callable[[BackupContents], None] | None = None,
     clock: Callable[[], datetime] = utcnow,
 ) -> Path | None:
     """Put the backup at `backup` in place of the database at `db_path`.
@@ -542,47 +755,143 @@ def restore_backup(
       0600) and the copy must pass `integrity_check` and be a writebehind database of a
       schema version this writebehind can open (`SchemaError` otherwise). `confirm` is
       called then (it may raise to abort, and nothing has changed).
+    - Checks an encrypted backup against the keys file (`keys_path`, default `<db>.keys`,
+      as the app finds it) before anything changes: refused (`StorageError`) when the keys
+      file is missing or holds none of some data key the backup's sessions are sealed with
+      (another database's, or an older copy of this one's): restored, they would never
+      decrypt. Keys the file holds destroyed are those of users erased since the backup: their
+      sessions stay unreadable, as the erasure promised. `checked` is told what was found
+      (`BackupContents`) before `confirm` is called.
+    - A database path that is a symbolic link is restored where it points (the link stays),
+      and the locks of both the link's name and the file's are taken.
     - Keeps the database it replaces: `<db>.before-restore-<time>` (with its WAL, if it
       had one), which this returns (None when there was no database). That file is a copy
       that retention and erasure do not reach: delete it once the restore is right.
     - The swap is a rename: the database is the old file or the restored one, never a mix;
       the old WAL and shared-memory files go first, so neither can meet the restored file.
     """
-    backup, db_path = Path(backup), Path(db_path)
+    backup, named = Path(backup), Path(db_path)
+    keys = keys_path or named.with_name(named.name + ".keys")
     if not backup.is_file():
         raise StorageError(f"{backup} is not a file")
+    # Through a link, the file itself is what gets replaced (or an app on it would go on
+    # with the old one while the link became a plain file beside it); its lock is the one
+    # any app on it holds, by whatever name it opened it (a FileLock resolves links).
+    db_path = named.resolve() if named.is_symlink() else named
     if db_path.exists() and os.path.samefile(backup, db_path):
         raise StorageError(f"{backup} is the database itself")
     lock = FileLock(db_path)
     lock.acquire()
     try:
-        tmp = db_path.with_name(f".{db_path.name}.restoring")
-        _remove_with_journal(tmp)  # a restore that crashed before (we hold the lock: no other runs)
-        try:
-            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        except OSError as exc:
-            raise StorageError(f"cannot create {tmp}: {exc.strerror}") from exc
-        try:
-            _copy_checked(backup, tmp)
-            _fsync(tmp)
-            if confirm is not None:
-                confirm()
-            aside = _set_aside(db_path, clock())
-            os.replace(tmp, db_path)
-            _fsync(db_path.parent)
-        finally:
-            _remove_with_journal(tmp)
+        aside = _restore_locked(backup, db_path, keys, confirm, checked, clock)
     finally:
         lock.release()
     LOG.info("restored %s from the backup %s (the old file: %s)", db_path, backup, aside)
     return aside
 
 
+def _restore_locked(
+    backup: Path,
+    db_path: Path,
+    keys: Path,
+    confirm: Callable[[], None] | None,
+    checked: Callable[[BackupContents], None] | None,
+    clock: Callable[[], datetime],
+) -> Path | None:
+    """`restore_backup` once the locks are held."""
+    tmp = db_path.with_name(f".{db_path.name}.restoring")
+    _remove_with_journal(tmp)  # a restore that crashed before (we hold the lock: no other runs)
+    try:
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError as exc:
+        raise StorageError(f"cannot create {tmp}: {exc.strerror}") from exc
+    try:
+        _copy_checked(backup, tmp)
+        contents = _check_keys(backup, tmp, keys)
+        _fsync(tmp)
+        if checked is not None:
+            checked(contents)
+        if confirm is not None:
+            confirm()
+        aside = _set_aside(db_path, clock())
+        os.replace(tmp, db_path)
+        _fsync(db_path.parent)
+    finally:
+        _remove_with_journal(tmp)
+    return aside
+
+
+# The data key ids the sealed values name: the bytes form (version byte 1, then the key id),
+# and the text form ("wbe1:" and base64 whose first 12 characters hold the id). Every sealed
+# session has a sealed title (a missing one is sealed as such), and the messages are scanned
+# too, for a session whose row predates the key.
+_SEALED_IDS: Final = """
+SELECT DISTINCT substr(title, 2, 8), 0 FROM sessions
+    WHERE typeof(title) = 'blob' AND substr(title, 1, 1) = x'01'
+UNION SELECT DISTINCT substr(title, 6, 12), 1 FROM sessions
+    WHERE typeof(title) = 'text' AND substr(title, 1, 5) = 'wbe1:'
+UNION SELECT DISTINCT substr(content, 2, 8), 0 FROM messages
+    WHERE typeof(content) = 'blob' AND substr(content, 1, 1) = x'01'
+UNION SELECT DISTINCT substr(content, 6, 12), 1 FROM messages
+    WHERE typeof(content) = 'text' AND substr(content, 1, 5) = 'wbe1:'
+"""
+
+
+def _sealed_key_ids(conn: sqlite3.Connection) -> set[bytes]:
+    """The data key ids the sealed values of the database on `conn` name (empty: a plain
+    database)."""
+    found: set[bytes] = set()
+    for value, text in conn.execute(_SEALED_IDS):
+        if text:
+            with contextlib.suppress(binascii.Error, TypeError):
+                found.add(binascii.a2b_base64(str(value))[:8])
+        elif isinstance(value, bytes) and len(value) == 8:
+            found.add(value)
+    return found
+
+
+def _check_keys(backup: Path, copy: Path, keys: Path) -> BackupContents:
+    conn = sqlite3.connect(_readonly_uri(copy), uri=True, isolation_level=None)
+    try:
+        needed = _sealed_key_ids(conn)
+    finally:
+        conn.close()
+    if not needed:
+        return BackupContents()
+    if not keys.exists():
+        raise StorageError(
+            f"{backup} holds encrypted sessions ({len(needed)} data key(s)), and their keys file "
+            f"{keys} does not exist: put the keys file back first (from its own backup), or name it "
+            "with CHAT_SESSION_ENCRYPTION_KEYS_PATH; without it nothing in the backup is readable; "
+            "nothing was changed"
+        )
+    try:
+        conn = sqlite3.connect(_readonly_uri(keys), uri=True, isolation_level=None)
+        try:
+            stored = {
+                bytes(kid): destroyed
+                for kid, destroyed in conn.execute("SELECT key_id, wrapped IS NULL FROM keys")
+            }
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot read the keys file {keys}: {exc}; nothing was changed") from exc
+    missing = needed - stored.keys()
+    if missing:
+        raise StorageError(
+            f"the keys file {keys} holds no key for {len(missing)} of the backup's {len(needed)} "
+            "user key(s): "
+            "it is another database's keys file, or an older copy of this one's (restored, those sessions "
+            "would never decrypt); nothing was changed"
+        )
+    return BackupContents(data_keys=len(needed), erased=sum(1 for kid in needed if stored[kid]))
+
+
 def _copy_checked(backup: Path, dest: Path) -> None:
     try:
         source = sqlite3.connect(_readonly_uri(backup), uri=True, isolation_level=None)
     except sqlite3.Error as exc:
-        raise StorageError(f"cannot open the backup {backup}: {exc}") from exc
+        raise StorageError(f"cannot open the backup {backup}: {exc}; nothing was changed") from exc
     try:
         target = sqlite3.connect(dest, isolation_level=None)
         try:
@@ -593,7 +902,9 @@ def _copy_checked(backup: Path, dest: Path) -> None:
                 version = int(target.execute("PRAGMA user_version").fetchone()[0])
                 tables = {row[0] for row in target.execute(_TABLES)}
             except sqlite3.DatabaseError as exc:
-                raise SchemaError(f"{backup} is not a usable SQLite database: {exc}") from exc
+                raise SchemaError(
+                    f"{backup} is not a usable SQLite database: {exc}; nothing was changed"
+                ) from exc
         finally:
             target.close()
     finally:

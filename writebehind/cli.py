@@ -5,7 +5,9 @@ Works on the SQLite file directly. The reading verbs (`stats`, `sessions`, `expo
 app: WAL lets them read while it writes, and they take no lock, migrate nothing and
 write nothing.
 
-`backups` lists the database's backups (CHAT_SESSION_BACKUP_DIR, or `--dir`).
+`backups` lists the database's backups (CHAT_SESSION_BACKUP_DIR, or `--dir`). With
+CHAT_SESSION_DB_URL set (PostgreSQL) every verb but `rotate-key` needs `--db`: the default
+file is then no app's, and a backup or restore of it would mislead.
 
 With encryption at rest (CHAT_SESSION_ENCRYPTION_KEY or _FILE), `sessions`, `export` and
 `erase` go through `writebehind.encryption` as the app does: they decrypt, and `erase`
@@ -27,8 +29,11 @@ Mistakes get one line on stderr and exit 1, never a traceback.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
+import socket
+import sqlite3
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
@@ -40,11 +45,12 @@ import orjson
 
 from .backends.base import Backend
 from .backends.sqlite import SCHEMA_VERSION, SQLiteBackend
-from .backups import Backup, list_backups, restore_backup
+from .backups import Backup, BackupContents, copy_database, list_backups, restore_backup
 from .config import Config, decode_kek
 from .errors import ConfigError, DatabaseLockedError, WriteBehindError
 from .export import export_json
 from .model import SessionRecord, UserId, check_user_id, utcnow
+from .ownership import lock_path_for
 from .recovery import recovery_path_for, scrub_recovery
 from .stats import read_status, status_path_for
 
@@ -80,15 +86,25 @@ def _run(work: Callable[[SQLiteBackend], Awaitable[T]], db: Path, *, changing: s
         raise click.ClickException(str(exc)) from None
 
 
-def _as_app_sees_it(backend: SQLiteBackend) -> Backend:
+def _as_app_sees_it(backend: SQLiteBackend, uid: UserId, *, erasing: bool = False) -> Backend:
     """The backend, decrypting (and destroying keys on erasure) when a key is configured.
     Refuses an encrypted database without its key: a listing would show ciphertext, and an
-    erasure would leave the user's key, so their backups readable."""
+    erasure would leave the user's key, so their backups readable. Refuses one whose keys
+    file is missing (a database restored or copied without it): with or without the key,
+    `uid`'s sealed sessions could only come out as ciphertext. An erasure goes on then, on
+    the rows alone: there is no key left to destroy, and none is made."""
     try:
         config = Config.from_env()
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     keys = config.encryption_keys_path or backend.path.with_name(backend.path.name + ".keys")
+    if not keys.exists() and _sealed(backend.path, uid):
+        if erasing:
+            return backend
+        raise click.ClickException(
+            f"{backend.path} holds encrypted sessions of user {uid!r}, and its keys file {keys} does not "
+            "exist: put it back (from its own backup), or name it with CHAT_SESSION_ENCRYPTION_KEYS_PATH"
+        )
     if config.encryption_key is None and config.encryption_key_file is None:
         if keys.exists():
             raise click.ClickException(
@@ -99,6 +115,47 @@ def _as_app_sees_it(backend: SQLiteBackend) -> Backend:
     from .encryption import encrypted_backend
 
     return encrypted_backend(backend, config, readonly=backend.readonly)
+
+
+def _sealed(db: Path, uid: UserId) -> bool:
+    """Whether `uid` has sessions sealed with a data key (a look at that user's rows only)."""
+    try:
+        conn = sqlite3.connect(db.absolute().as_uri() + "?mode=ro", uri=True, isolation_level=None)
+    except sqlite3.Error:
+        return False  # the verb's own open says what is wrong
+    try:
+        found = conn.execute(
+            "SELECT 1 FROM sessions WHERE user_id = ? AND (typeof(title) = 'blob' "
+            "OR substr(title, 1, 5) = 'wbe1:') LIMIT 1",
+            (uid,),
+        ).fetchone()
+    except sqlite3.Error:
+        return False
+    finally:
+        conn.close()
+    return found is not None
+
+
+def _app_running(db: Path) -> tuple[bool | None, int | None]:
+    """Whether an app holds the file, from its lock file's holder line (written while held,
+    emptied at release): (running, pid). None when the holder is on another host. Never
+    takes the lock: an app starting at that moment would be refused."""
+    try:
+        line = lock_path_for(db).read_text(encoding="utf-8", errors="replace").split()
+    except OSError:
+        return False, None
+    if len(line) < 2 or not line[0].isdigit():
+        return False, None
+    pid = int(line[0])
+    if line[1] != socket.gethostname():
+        return None, pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False, None  # killed: the kernel let its lock go, its line stayed
+    except PermissionError:
+        pass  # alive, another user's
+    return True, pid
 
 
 def _user(value: str, as_text: bool) -> UserId:
@@ -159,6 +216,13 @@ def _size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def _db_url_set() -> bool:
+    try:
+        return Config.from_env().db_url is not None
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 def _default_db() -> Path:
     try:
         return Config.from_env().db_path
@@ -180,6 +244,14 @@ text_option = click.option("--text-id", is_flag=True, help="Treat --user as a te
 @click.pass_context
 def cli(ctx: click.Context, db: Path | None) -> None:
     """Inspect and maintain a writebehind session database."""
+    if db is None and ctx.invoked_subcommand != "rotate-key" and _db_url_set():
+        # The app's data is in PostgreSQL: ./chat_sessions.db is no app's, and a restore or
+        # a backup of it reporting success would mislead.
+        raise click.ClickException(
+            "CHAT_SESSION_DB_URL is set: the app's data is in PostgreSQL, and this command works on a "
+            "SQLite file; pass --db to name one (for PostgreSQL: pg_dump and pg_restore, and the app's "
+            "stats() and metrics)"
+        )
     path = db or _default_db()
     # A restore is what puts a lost database back; the backups are listed without it.
     # rotate-key checks for itself: on PostgreSQL there is no file.
@@ -198,6 +270,10 @@ def stats(db: Path, as_json: bool) -> None:
     (CHAT_SESSION_BACKUP_DIR)."""
     info = _run(lambda b: b.file_stats(), db)
     info["db_bytes"] = info["file_bytes"] + info["wal_bytes"]
+    # Whether the app is running now, and what it last reported (the status file outlives it).
+    info["app_running"], lock_pid = _app_running(db)
+    if lock_pid is not None:
+        info["app_lock_pid"] = lock_pid
     status = read_status(status_path_for(db))
     if status is not None:
         # What the app last reported (it rewrites the file when one of these changes):
@@ -231,7 +307,7 @@ def sessions(db: Path, user: str, text_id: bool) -> None:
     uid = _user(user, text_id)
 
     async def work(backend: SQLiteBackend) -> list[Any]:
-        source = _as_app_sees_it(backend)
+        source = _as_app_sees_it(backend, uid)
         await source.open()
         try:
             return await source.list_sessions(uid)
@@ -257,7 +333,7 @@ def export(db: Path, user: str, text_id: bool, out: Path | None) -> None:
     uid = _user(user, text_id)
 
     async def work(backend: SQLiteBackend) -> int:
-        source = _as_app_sees_it(backend)
+        source = _as_app_sees_it(backend, uid)
         await source.open()
         try:
             return await write(source)
@@ -303,7 +379,7 @@ def erase(db: Path, user: str, text_id: bool, yes: bool) -> None:
         # Asked only once the file is ours: a held file is refused before the question.
         if not yes:
             click.confirm(f"Erase every session of user {uid!r} from {db}? This cannot be undone", abort=True)
-        source = _as_app_sees_it(backend)
+        source = _as_app_sees_it(backend, uid, erasing=True)
         await source.open()
         try:
             ids = await source.delete_user(uid)
@@ -358,10 +434,14 @@ def purge(db: Path, older_than: str, dry_run: bool) -> None:
 @click.argument("dest", type=click.Path(dir_okay=False, path_type=Path))
 @click.pass_obj
 def backup(db: Path, dest: Path) -> None:
-    """A consistent online copy of the database at DEST (0600), integrity-checked."""
+    """A consistent online copy of the database at DEST (0600), integrity-checked: one
+    self-contained file, as the scheduled backups are; nothing is left at DEST if it fails."""
     if not db.exists():
         raise click.ClickException(f"{db} does not exist")
-    _run(lambda b: b.backup(dest), db)
+    try:
+        copy_database(db, dest, busy_timeout_ms=Config.from_env().busy_timeout_ms)
+    except WriteBehindError as exc:  # ConfigError included
+        raise click.ClickException(str(exc)) from None
     click.echo(f"backed up {db} to {dest} (integrity ok)")
 
 
@@ -382,12 +462,20 @@ def backups(db: Path, directory: Path | None, as_json: bool) -> None:
     if not where.is_dir():
         raise click.ClickException(f"{where} is not a directory")
     found = _listed(where, db)
+    sys.stdout.flush()
+    out = sys.stdout.buffer
     if as_json:
         rows = [{"path": str(b.path), "taken_at": b.taken_at.isoformat(), "bytes": b.size} for b in found]
-        click.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+        # A path that is not UTF-8 holds lone surrogates (os.fsdecode): written as JSON's
+        # \udcXX escapes, which json.loads and os.fsencode turn back into the same bytes.
+        text = json.dumps(rows, indent=2, ensure_ascii=False)
+        out.write(text.encode("utf-8", "backslashreplace") + b"\n")
     else:
         for b in found:
-            click.echo(f"{b.taken_at.isoformat()}\t{b.size}\t{_size(b.size)}\t{b.path}")
+            # The path's own bytes, as `ls` prints them: one that is not UTF-8 can be pasted back.
+            head = f"{b.taken_at.isoformat()}\t{b.size}\t{_size(b.size)}\t".encode()
+            out.write(head + os.fsencode(b.path) + b"\n")
+    out.flush()
     click.echo(f"{len(found)} backup(s) of {db.name} in {where}", err=True)
 
 
@@ -399,8 +487,9 @@ def restore(db: Path, backup: Path, yes: bool) -> None:
     """Put BACKUP (a path, or a name in the backup directory) in place of the database.
 
     The app must be stopped: a file an app holds is refused. The backup is copied and
-    checked (integrity, schema) before anything changes; the current database is kept
-    aside as <db>.before-restore-<time> (delete it once the restore is right).
+    checked (integrity, schema; an encrypted one against the keys file, which must hold
+    its keys) before anything changes; the current database is kept aside as
+    <db>.before-restore-<time> (delete it once the restore is right).
     """
     if not backup.exists() and backup.name == str(backup):
         directory = _backup_dir(None, required=False)
@@ -416,8 +505,15 @@ def restore(db: Path, backup: Path, yes: bool) -> None:
                 f"Replace {db} with the backup {backup.name}? The current file is kept aside", abort=True
             )
 
+    found = BackupContents()
+
+    def checked(contents: BackupContents) -> None:
+        nonlocal found
+        found = contents
+
     try:
-        aside = restore_backup(backup, db, confirm=confirm)
+        keys = Config.from_env().encryption_keys_path
+        aside = restore_backup(backup, db, confirm=confirm, keys_path=keys, checked=checked)
     except DatabaseLockedError as exc:
         pid = "unknown" if exc.pid is None else exc.pid
         raise click.ClickException(
@@ -427,6 +523,11 @@ def restore(db: Path, backup: Path, yes: bool) -> None:
     except WriteBehindError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"restored {db} from {backup} (integrity ok)")
+    if found.data_keys:
+        click.echo(
+            f"its sessions are encrypted ({found.data_keys} data key(s), all in the keys file); "
+            f"{found.erased} erased user(s) in it stay unreadable"
+        )
     if aside is not None:
         click.echo(f"the previous database is kept as {aside}: delete it once the restore is right")
     if _recovery_path(db).exists():

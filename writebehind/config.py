@@ -43,6 +43,11 @@ class Config:
     flush_batch: int = 100
     cache_size: int = 10_000
     max_dirty: int = 10_000
+    # The text the pending writes added (content, tokens, metadata JSON, titles), counted in
+    # code points: a few sessions streamed into faster than a slow disk takes them are few
+    # sessions but unbounded memory. Reached, writes to persisted sessions wait for the disk
+    # like `max_dirty`'s.
+    max_dirty_bytes: int = 256 * 1024 * 1024
     anon_ttl_seconds: float = 3600.0
     synchronous: str = "NORMAL"
     # Transactions a second of the background flush: 250 of 100 sessions, the same ceiling
@@ -95,6 +100,7 @@ class Config:
             "flush_batch",
             "cache_size",
             "max_dirty",
+            "max_dirty_bytes",
             "anon_ttl_seconds",
             "max_flushes_per_second",
             "max_message_bytes",
@@ -217,6 +223,7 @@ ENV_VARS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "flush_batch": ("CHAT_SESSION_FLUSH_BATCH", int),
     "cache_size": ("CHAT_SESSION_CACHE_SIZE", int),
     "max_dirty": ("CHAT_SESSION_MAX_DIRTY", int),
+    "max_dirty_bytes": ("CHAT_SESSION_MAX_DIRTY_BYTES", int),
     "anon_ttl_seconds": ("CHAT_SESSION_ANON_TTL_SECONDS", float),
     "synchronous": ("CHAT_SESSION_SYNCHRONOUS", _str),
     "max_flushes_per_second": ("CHAT_SESSION_MAX_FLUSHES_PER_SECOND", float),

@@ -16,6 +16,10 @@ in memory; `touch` queues it for the disk only once it has moved by
 
 `room` is set (and at once cleared) whenever the backlog shrinks, so that writes
 waiting under back-pressure wake as soon as there may be room.
+
+`bytes` is the text the pending writes added (see `mark`), in code points: each session's
+marks carry their own share, so a batch that commits releases exactly what it took, and
+what was written to its sessions while it was in flight stays counted.
 """
 
 from __future__ import annotations
@@ -43,11 +47,15 @@ class _Marks:
     # The lowest message count since the last flush (`pop_message`): the disk's messages
     # above it go. None: no message was removed.
     truncate: int | None = None
+    # The text these marks' writes added (`DirtyIndex.bytes` is the sum over every marks,
+    # dirty or in flight).
+    bytes: int = 0
 
     def merge(self, other: _Marks) -> None:
         self.row |= other.row
         self.full |= other.full
         self.seqs |= other.seqs
+        self.bytes += other.bytes
         if other.truncate is not None and (self.truncate is None or other.truncate < self.truncate):
             self.truncate = other.truncate
 
@@ -77,6 +85,9 @@ class DirtyIndex:
         # `_recycle`.
         self._spare: list[_Marks] = []
         self.room = asyncio.Event()
+        # Read by the store's per-token fast path (an attribute, not a call); changed only
+        # here. Never negative: every marks' share is added once and released once.
+        self.bytes = 0
 
     def __len__(self) -> int:
         return len(self._dirty)
@@ -102,14 +113,17 @@ class DirtyIndex:
             self._hot.pin(session_id)
         return marks
 
-    def mark(self, session_id: str, seq: int | None = None, full: bool = False) -> int:
-        """Mark the session row (and message `seq`, or every message); returns how many
-        sessions are dirty. The hottest call of a streaming reply: when the session is
+    def mark(self, session_id: str, seq: int | None = None, full: bool = False, size: int = 0) -> int:
+        """Mark the session row (and message `seq`, or every message), counting `size`, the
+        text the write added, until the batch that takes these marks commits; returns how
+        many sessions are dirty. The hottest call of a streaming reply: when the session is
         already dirty it is one dict lookup."""
         marks = self._dirty.get(session_id)
         if marks is None:
             marks = self._marks(session_id)
         marks.row = True
+        marks.bytes += size
+        self.bytes += size
         if seq is not None:
             marks.seqs.add(seq)
         if full:
@@ -139,6 +153,8 @@ class DirtyIndex:
         if session_id not in self._inflight:
             self._hot.unpin(session_id)
         if marks is not None:
+            # A batch in flight keeps its own share until it commits or comes back.
+            self.bytes -= marks.bytes
             self._shrunk()
 
     def touch(self, entry: Entry) -> None:
@@ -215,6 +231,8 @@ class DirtyIndex:
             if session is None:
                 # Deleted without going through `discard` cannot happen; be safe anyway.
                 self._hot.unpin(sid)
+                self.bytes -= marks.bytes
+                self._shrunk()
                 continue
             self._touches.pop(sid, None)  # the delta carries last_access_at
             if marks.full:
@@ -265,6 +283,7 @@ class DirtyIndex:
             if version is not None:
                 taken.session.version = version
                 taken.session.disk_access_at = taken.delta.record.last_access_at
+            self.bytes -= taken.marks.bytes
             self._settle(sid)
             self._refusals.pop(sid, None)
             self._recycle(taken.marks)
@@ -280,6 +299,7 @@ class DirtyIndex:
             marks.row = marks.full = False
             marks.seqs.clear()
             marks.truncate = None
+            marks.bytes = 0
             spare.append(marks)
 
     def refused(self, session_id: str) -> int:
@@ -297,6 +317,7 @@ class DirtyIndex:
         for taken in batch:
             sid = taken.delta.record.id
             if self._hot.peek(sid) is not taken.session:
+                self.bytes -= taken.marks.bytes
                 self._settle(sid)
                 continue  # deleted (or deleted and re-created) meanwhile: nothing to put back
             marks = self._dirty.get(sid)

@@ -68,8 +68,9 @@ class NotFound(WriteBehindError, LookupError):
 class BackPressureError(WriteBehindError):
     """Too much unflushed data: the write was refused and nothing changed.
 
-    Raised when `max_dirty` sessions are waiting for the disk and the worker did
-    not make room within `backpressure_timeout_ms`. Retry later.
+    Raised when `max_dirty` sessions, or `max_dirty_bytes` of text, are waiting
+    for the disk and the worker did not make room within `backpressure_timeout_ms`;
+    the message names the bound. Retry later.
     """
 
 

@@ -47,6 +47,7 @@ _GAUGES = (
     ("parked", "Dirty sessions the LRU wanted to evict, held until flushed."),
     ("dirty_sessions", "Sessions with changes not yet on disk."),
     ("dirty_messages", "Messages with changes not yet on disk."),
+    ("dirty_bytes", "Text (code points) of changes not yet on disk; bounded by max_dirty_bytes."),
     ("queue_depth", "Requests waiting for the flush worker."),
     ("durable_waiters", "Callers waiting for a durable flush."),
     ("consecutive_failures", "Flush failures since the last success."),

@@ -85,7 +85,10 @@ class FileLock:
 
     def __init__(self, database: str | os.PathLike[str]) -> None:
         self.database = Path(database)
-        self.path = lock_path_for(self.database)
+        # Beside the file itself, whatever link or relative name it was opened by: an app
+        # opened through a link and a restore (or a second app) through the real path must
+        # see each other's lock.
+        self.path = lock_path_for(self.database.resolve())
         self._fd: int | None = None
 
     def __repr__(self) -> str:

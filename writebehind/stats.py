@@ -42,6 +42,9 @@ class StoreStats:
     - `loads`: backend loads actually made (single flight makes this <= cold lookups).
     - `dirty_sessions` / `dirty_messages`: changes not yet on disk; `parked`: dirty
       sessions the LRU wanted to evict, held until they are flushed.
+    - `dirty_bytes`: the text those changes added (content, tokens, metadata JSON,
+      titles; in code points), dirty or in a flush not yet committed: what
+      `max_dirty_bytes` bounds.
     - flush latencies are per transaction, in milliseconds; `flush_latency_buckets` holds
       cumulative (upper bound, count) pairs over the store's life, the last bound +inf.
     """
@@ -56,6 +59,7 @@ class StoreStats:
     parked: int = 0
     dirty_sessions: int = 0
     dirty_messages: int = 0
+    dirty_bytes: int = 0
     queue_depth: int = 0
     durable_waiters: int = 0
     batches_flushed: int = 0
@@ -139,6 +143,7 @@ _STATUS_FIELDS: Final = (
     "cleanup_failures",
     "sessions_purged",
     "last_backup_at",
+    "last_backup_error",
     "backups_made",
     "backup_failures",
     "consecutive_backup_failures",
@@ -195,6 +200,13 @@ class DiskMonitor:
                     self._figures["users_on_disk"] = usage.users
                     self._figures["disk_counted_at"] = utcnow()
         if self._status_path is not None and report is not None:
+            await self._write_status(self._status_path, report())
+
+    async def report(self, report: Callable[[], StoreStats]) -> None:
+        """Write the status file now if `report` says something new (no disk figures taken):
+        at shutdown, so that `writebehind stats` shows the app's last word. Never raises
+        (but a cancellation)."""
+        if self._status_path is not None:
             await self._write_status(self._status_path, report())
 
     def fill(self, stats: StoreStats) -> StoreStats:

@@ -15,12 +15,13 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
 from cachetools import LRUCache
 
-from .branches import Branches, active_path, leaf_below, normalized
+from .branches import Branches, active_path, leaf_below, normalized, parent_of
 from .errors import NotFound, ValidationError
 from .model import (
     Metadata,
@@ -48,7 +49,7 @@ from .model import (
 from .policy import UserPreferences, check_keep_history, check_not_reserved
 from .stats import StoreStats
 
-__all__ = ["UNSET", "Applied", "Entry", "HotTier", "SessionStore"]
+__all__ = ["UNSET", "Applied", "Entry", "HotTier", "SessionStore", "SessionTree"]
 
 
 class _Unset:
@@ -65,6 +66,34 @@ UNSET: Final[Any] = _Unset()
 
 _MAX_TITLE_BYTES: Final = 1024
 _MAX_CLIENT_FIELD_BYTES: Final = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SessionTree:
+    """A session without its messages, plus where they branch (`get_tree`): enough to place
+    any message in the session's tree (`parent`, and `writebehind.branches.siblings` for its
+    alternatives) and to find the end of its active path (`leaf`). Getting one costs the
+    same for a session of 2 messages or 2,000: no message is copied."""
+
+    id: str
+    status: str
+    title: str | None
+    created_at: datetime
+    updated_at: datetime
+    message_count: int
+    """Every message of the session, on every branch (its last seq)."""
+    branches: Branches | None
+    """None for a session that never branched (its active path is every message)."""
+
+    @property
+    def leaf(self) -> int:
+        """The seq of the active path's last message (0: the path is empty)."""
+        branches = self.branches
+        return self.message_count if branches is None or branches.active is None else branches.active
+
+    def parent(self, seq: int) -> int:
+        """The message that message `seq` follows (0: it is at the start)."""
+        return parent_of(self.branches, seq)
 
 
 class Entry:
@@ -477,6 +506,22 @@ class SessionStore:
         start, stop = check_window(after_seq, limit)
         session = self.owned(session_id, user_id, binding_token)
         return session.window(start, stop)
+
+    async def get_tree(
+        self, session_id: str, *, user_id: UserId | None, binding_token: str | None = None
+    ) -> SessionTree:
+        """The session without its messages, and where they branch: O(1), whatever its
+        length. Raises `NotFound` as `get_messages` does (another user's session too)."""
+        session = self.owned(session_id, user_id, binding_token)
+        return SessionTree(
+            session.id,
+            session.status,
+            session.title,
+            session.created_at,
+            session.updated_at,
+            len(session.messages),
+            session.branches,
+        )
 
     async def append_message(
         self,

@@ -32,8 +32,12 @@ What a caller may rely on:
   or in flight can bring the data back.
 - Back-pressure: when `max_dirty` sessions wait for the disk, a write that would
   dirty one more waits up to `backpressure_timeout_ms` for the worker, then raises
-  `BackPressureError` having changed nothing. Writes to already-dirty sessions and
-  to anonymous or temporary ones are never refused.
+  `BackPressureError` having changed nothing. When the text the pending writes added
+  reaches `max_dirty_bytes` (in code points), every write to a persisted session waits
+  and is refused the same way, already-dirty ones included (a reply streaming into a
+  session whose flush hangs): a write is let through below the bound, so the backlog
+  exceeds it by one write at most. Writes to anonymous or temporary sessions are never
+  refused.
 """
 
 from __future__ import annotations
@@ -98,7 +102,7 @@ from .policy import (
 from .recovery import read_recovery, recovery_path_for, scrub_recovery, write_recovery
 from .search import Order, SearchPage, SearchRow, check_search, disk_window, memory_rows, merge_pages
 from .stats import DiskMonitor, StoreStats, status_path_for
-from .store import UNSET, Applied, Entry, SessionStore
+from .store import UNSET, Applied, Entry, SessionStore, SessionTree
 from .worker import FlushWorker
 
 __all__ = ["WriteBehindStore"]
@@ -155,6 +159,7 @@ class WriteBehindStore:
         self._recovery_path = recovery_path
         self._dirty = DirtyIndex(self._tier)
         self._max_dirty = config.max_dirty
+        self._max_dirty_bytes = config.max_dirty_bytes
         self._flush_batch = config.flush_batch
         self._worker = FlushWorker(
             backend,
@@ -398,6 +403,11 @@ class WriteBehindStore:
             await self._final_flush(deadline)
             saved = True
             self._save_unsaved()
+            # The app's last word for `writebehind stats` (its backups, failures), unless
+            # the disk hangs: a status file is never worth a shutdown.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.1, min(1.0, deadline - loop.time()))):
+                    await self._monitor.report(self.stats)
         finally:
             if not saved:
                 # Cancelled, or something unexpected: the recovery file all the same, at
@@ -629,31 +639,50 @@ class WriteBehindStore:
     async def _admit(
         self, session_id: str, user_id: UserId | None, creating: bool = False, transient: bool = False
     ) -> None:
-        """`_ready`, plus back-pressure for a write that would dirty one more session
-        (`transient`: it creates a temporary one, which never does)."""
+        """`_ready`, plus back-pressure for a write that would dirty one more session, or for
+        any write while the text waiting for the disk is at `max_dirty_bytes` (`transient`:
+        it creates a temporary one, which is never dirty)."""
         await self._ready(session_id, user_id, creating=creating)
-        if self._dirty.backlog() < self._max_dirty or self._dirty.holds(session_id):
+        dirty = self._dirty
+        if dirty.bytes < self._max_dirty_bytes and (
+            dirty.backlog() < self._max_dirty or dirty.holds(session_id)
+        ):
             return
         session = self._tier.peek(session_id)
         if transient or not (
             self._policy(session_id, user_id) if session is None else self._persists(session)
         ):
             return
-        await self._make_room()
+        await self._make_room(session_id)
         await self._ready(session_id, user_id, creating=creating)
 
-    async def _make_room(self) -> None:
+    async def _make_room(self, session_id: str | None = None) -> None:
+        """Kick the worker and wait until the backlog is below both bounds, for at most
+        `backpressure_timeout_ms`; then `BackPressureError`. The sessions bound lets a write
+        to `session_id` through if that session is already counted (None: a new one)."""
+        dirty = self._dirty
         timeout = self.config.backpressure_timeout_ms / 1000
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while self._dirty.backlog() >= self._max_dirty:
+        while True:
+            # Checked again after every wake: the session may have left the backlog meanwhile.
+            over_bytes = dirty.bytes >= self._max_dirty_bytes
+            over_sessions = dirty.backlog() >= self._max_dirty and (
+                session_id is None or not dirty.holds(session_id)
+            )
+            if not (over_bytes or over_sessions):
+                return
             self._worker.kick()
             remaining = deadline - loop.time()
             if remaining <= 0:
                 self._rejections += 1
+                over = []
+                if over_sessions:
+                    over.append(f"{dirty.backlog()} sessions (max_dirty={self.config.max_dirty})")
+                if over_bytes:
+                    over.append(f"{dirty.bytes} characters of text (max_dirty_bytes={self._max_dirty_bytes})")
                 raise BackPressureError(
-                    f"{self._dirty.backlog()} sessions are waiting for the disk (max_dirty="
-                    f"{self.config.max_dirty}); the write was not applied, retry later"
+                    f"{' and '.join(over)} are waiting for the disk; the write was not applied, retry later"
                 )
             # Woken whenever the backlog shrinks: a batch committed, a delete, an erasure.
             try:
@@ -669,6 +698,7 @@ class WriteBehindStore:
             and type(session_id) is str
             and session_id in self._tier
             and self._dirty.backlog() < self._max_dirty
+            and self._dirty.bytes < self._max_dirty_bytes
         )
 
     def _persists(self, session: Entry) -> bool:
@@ -684,10 +714,16 @@ class WriteBehindStore:
         *args: Any,
         creating: bool = False,
         transient: bool = False,
+        size: int = 0,
+        metadata: bool = False,
     ) -> Any:
         """The one path of every write: admit (load on a miss, back-pressure), apply to the
         hot tier (`apply(session_id, *args)`, one of `SessionStore.do_*`), mark what it
         changed, and wait for the disk only if `durable`. Returns the caller's result.
+
+        `size`: the text the write adds (code points), counted against `max_dirty_bytes`
+        until it is on disk; `metadata`: the result is a message whose metadata the write
+        set, its JSON counted too (known only once `apply` has encoded it).
 
         A bound method and its arguments rather than a closure: this is the hot path of
         every streamed token (a closure cost about 0.4 us a call here).
@@ -702,7 +738,7 @@ class WriteBehindStore:
                 # Owned before anyone can know the id, so that another instance asked for
                 # it right after finds it here (no row until the first flush).
                 await self._ownership.acquire(session_id)
-                if self._dirty.backlog() >= self._max_dirty:
+                if self._dirty.backlog() >= self._max_dirty or self._dirty.bytes >= self._max_dirty_bytes:
                     await self._make_room()
                 # aclose() may have begun while this waited: its final flush would not see
                 # a write applied now, so refuse it rather than acknowledge it and lose it.
@@ -711,19 +747,22 @@ class WriteBehindStore:
             await self._admit(session_id, user_id, creating=creating, transient=transient)
             self._require_running()  # the same, after a load or back-pressure
         entry, seq, full, result = apply(session_id, *args)
+        if metadata:
+            size += len(result.metadata_json or "")
         relay = self._relay
         if relay is not None and session_id in relay.followers:
             # No seq: a change of the session's row, or a pop (the relay sees fewer messages).
             relay.changed(session_id, _NO_SEQ if seq is None else seq)
-        if self._wrote(entry, seq, full) and durable:
+        if self._wrote(entry, seq, full, size) and durable:
             await self._worker.sync()
         return result
 
-    def _wrote(self, session: Entry, seq: int | None = None, full: bool = False) -> bool:
-        """Mark what a write changed, if this session persists; True if it does."""
+    def _wrote(self, session: Entry, seq: int | None = None, full: bool = False, size: int = 0) -> bool:
+        """Mark what a write changed (`size`: the text it added), if this session persists;
+        True if it does."""
         if session.temporary or not self._policy(session.id, session.user_id):
             return False
-        if self._dirty.mark(session.id, seq, full) >= self._flush_batch:
+        if self._dirty.mark(session.id, seq, full, size) >= self._flush_batch:
             self._worker.kick()
         return True
 
@@ -752,11 +791,8 @@ class WriteBehindStore:
         if persist is not None and type(persist) is not bool:
             raise ValidationError("persist", f"must be a bool or None, not {type(persist).__name__}")
         keep = True
-        if (
-            persist is None
-            and user_id is not None
-            and not (type(session_id) is str and session_id in self._tier)
-        ):
+        exists = type(session_id) is str and session_id in self._tier
+        if persist is None and user_id is not None and not exists:
             # Creating, most likely: the user's default decides (one read of their
             # preferences session, from memory once loaded; never on a token's path).
             keep = (await self.user_preferences(user_id)).keep_history
@@ -776,6 +812,9 @@ class WriteBehindStore:
             keep,
             creating=True,
             transient=persist is False or (persist is None and not keep),
+            # The title, if this creates the session (a session loaded from disk meanwhile
+            # counts it once, until the next flush: an estimate may err on the safe side).
+            size=len(title) if isinstance(title, str) and not exists else 0,
         )
         return entry.snapshot()
 
@@ -817,6 +856,37 @@ class WriteBehindStore:
             ACCESS.debug("read messages session=%s user=%s after_seq=%s", session_id, user_id, after_seq)
         return session.window(start, count)
 
+    async def get_tree(
+        self, session_id: str, *, user_id: UserId | None, binding_token: str | None = None
+    ) -> SessionTree:
+        """`SessionStore.get_tree`: the session without its messages, and where they branch,
+        read the way `get_messages` reads it (a session another instance keeps: from the
+        database, after its owner flushed it). O(1) when it is in memory here."""
+        if not self._hot_now(session_id):
+            elsewhere = await self._ready(session_id, user_id, reading=True)
+            if elsewhere is not None:
+                record = self._read_elsewhere(session_id, user_id, elsewhere)
+                return SessionTree(
+                    record.id,
+                    record.status,
+                    record.title,
+                    record.created_at,
+                    record.updated_at,
+                    len(record.messages),
+                    record.branches,
+                )
+        session = self._hot.owned(session_id, user_id, binding_token)
+        self._dirty.touch(session)
+        return SessionTree(
+            session.id,
+            session.status,
+            session.title,
+            session.created_at,
+            session.updated_at,
+            len(session.messages),
+            session.branches,
+        )
+
     async def append_message(
         self,
         session_id: str,
@@ -844,6 +914,8 @@ class WriteBehindStore:
             metadata,
             binding_token,
             parent_seq,
+            size=len(content) if isinstance(content, str) else 0,
+            metadata=metadata is not None,
         )
         return message
 
@@ -918,6 +990,9 @@ class WriteBehindStore:
             append,
             metadata,
             binding_token,
+            # The token (or the new text): O(1) on the path of every streamed token.
+            size=len(append) if isinstance(append, str) else len(content) if isinstance(content, str) else 0,
+            metadata=metadata is not UNSET,
         )
         return message
 
@@ -932,7 +1007,15 @@ class WriteBehindStore:
         durable: bool = False,
     ) -> SessionRecord:
         entry: Entry = await self._write(
-            session_id, user_id, durable, self._hot.do_update_session, user_id, status, title, binding_token
+            session_id,
+            user_id,
+            durable,
+            self._hot.do_update_session,
+            user_id,
+            status,
+            title,
+            binding_token,
+            size=len(title) if isinstance(title, str) else 0,
         )
         return entry.snapshot()
 
@@ -948,12 +1031,25 @@ class WriteBehindStore:
         (a temporary one stays temporary: never written, this instance's only)."""
         require_user(user_id)
         entry = self._tier.peek(session_id) if type(session_id) is str else None
+        size = 0
         if entry is not None and not entry.temporary:
             # From now on it persists: owned here before another instance can ask for it.
             # (A temporary session never does: it stays this instance's, in memory.)
             await self._ownership.acquire(session_id)
+            # Its whole history becomes text waiting for the disk: counted against
+            # `max_dirty_bytes` like any write (a pass over it, once, at a sign-in).
+            size = len(entry.title or "") + sum(
+                len(m.content) + len(m.metadata_json or "") for m in entry.messages
+            )
+            # Back-pressure as for any write that dirties a session: `_write` would not
+            # apply it, the session being anonymous (never written) until this call.
+            dirty = self._dirty
+            if self._policy(session_id, user_id) and (
+                dirty.bytes >= self._max_dirty_bytes or dirty.backlog() >= self._max_dirty
+            ):
+                await self._make_room(session_id)
         claimed: Entry = await self._write(
-            session_id, user_id, durable, self._hot.do_claim, user_id, binding_token
+            session_id, user_id, durable, self._hot.do_claim, user_id, binding_token, size=size
         )
         return claimed.snapshot()
 
@@ -1099,6 +1195,7 @@ class WriteBehindStore:
             raise NotFound(sid)
 
         async def erase() -> bool:
+            self._stop_backup_copy()
             on_disk = await self._backend.delete_session(sid, uid)
             current = self._tier.peek(sid)
             in_memory = current is not None and current.owned_by(uid, binding_token)
@@ -1119,6 +1216,7 @@ class WriteBehindStore:
         uid = require_user(user_id)
 
         async def erase() -> int:
+            self._stop_backup_copy()
             on_disk = set(await self._backend.delete_user(uid))
             in_memory = {s.id for s in self._tier.remove_user(uid)}
             for sid in in_memory:
@@ -1130,6 +1228,14 @@ class WriteBehindStore:
         count = await self._worker.call(erase)
         ACCESS.info("erased user=%s sessions=%d", uid, count)
         return count
+
+    def _stop_backup_copy(self) -> None:
+        """Before an erasure: a scheduled backup still copying holds a snapshot that the
+        erasure's truncating checkpoint would wait for (up to `busy_timeout`, the erased
+        pages left in the WAL meanwhile). It stops within a step, leaves no file, and is
+        made again a minute later, after the erasure."""
+        if self._backups is not None and self._backups.interrupt():
+            LOG.info("a backup copy was stopped for an erasure; it is made again shortly")
 
     async def _merge_conflicts(self, lost: list[Taken]) -> list[str]:
         """Another writer changed these sessions since this instance last read them (the
@@ -1360,6 +1466,7 @@ class WriteBehindStore:
             loads=self._loads,
             dirty_sessions=self._dirty.pending(),
             dirty_messages=self._dirty.dirty_messages(),
+            dirty_bytes=self._dirty.bytes,
             queue_depth=worker.queue_depth,
             durable_waiters=worker.durable_waiters,
             batches_flushed=worker.batches_flushed,

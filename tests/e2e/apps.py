@@ -4,7 +4,7 @@ that serve them with `uvicorn --factory tests.e2e.apps:<name>` in a process of t
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, HTTPException
 
@@ -12,7 +12,7 @@ from writebehind import StoredMessage
 from writebehind.server import create_app
 from writebehind.server.responder import ResponderError
 
-__all__ = ["header_auth_app", "responder_app"]
+__all__ = ["copy_counting_app", "header_auth_app", "responder_app"]
 
 
 async def header_user(x_test_user: Annotated[str | None, Header()] = None) -> str | None:
@@ -44,3 +44,31 @@ async def reversing_responder(history: Sequence[StoredMessage]) -> AsyncIterator
 
 def responder_app() -> FastAPI:
     return create_app(responder=reversing_responder)
+
+
+# A "long" session for `copy_counting_app`: a copy of one of these on a request is the cost
+# `get_tree` exists to avoid.
+LONG = 1_000
+
+
+def copy_counting_app() -> FastAPI:
+    """The default app, counting the whole copies (`Entry.snapshot` with its messages) of
+    sessions of `LONG` messages or more: `GET /test/copies` says how many were made."""
+    from writebehind.store import Entry
+
+    copies: dict[str, int] = {}
+    snapshot = Entry.snapshot
+
+    def counted(self: Entry, with_messages: bool = True) -> Any:
+        if with_messages and len(self.messages) >= LONG:
+            copies[self.id] = copies.get(self.id, 0) + 1
+        return snapshot(self, with_messages)
+
+    Entry.snapshot = counted  # type: ignore[method-assign]
+    app = create_app()
+
+    @app.get("/test/copies")
+    async def read_copies() -> dict[str, int]:
+        return copies
+
+    return app

@@ -5,6 +5,7 @@ snippets marked, a click opening the chat, in headless Chromium."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,6 +96,86 @@ def test_the_search_box_lists_messages_with_marked_snippets_and_opens_them(serve
             expect(hits).to_have_text([re.compile("No message with")], timeout=TIMEOUT)
             page.press("#search", "Escape")
             expect(page.locator("#hits")).to_be_hidden()
+            assert errors == []
+        finally:
+            browser.close()
+
+
+FOUND = "ζήτα東京"  # one search word: Greek and CJK in one run of letters
+
+
+def _turn(client: httpx.Client, sid: str, text: str, parent_seq: int | None = None) -> None:
+    """Post a message (an edit with `parent_seq`) and wait until its reply is whole."""
+    auth = {"Authorization": "Bearer tok-alice"}
+    body: dict[str, object] = {"content": text}
+    if parent_seq is not None:
+        body["parent_seq"] = parent_seq
+    answer = client.post(f"/api/sessions/{sid}/messages", json=body, headers=auth)
+    assert answer.status_code == 202, answer.text
+    for _ in range(600):
+        if all(m["done"] for m in client.get(f"/api/sessions/{sid}", headers=auth).json()["messages"]):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the reply to {text!r} never ended")
+
+
+def _long(i: int) -> str:
+    return f"Turn {i} 🐢\n" + "\n".join(f"line {j} of turn {i}, שורה {j}" for j in range(6))
+
+
+@needs_chromium
+def test_a_hit_opens_its_message_switching_to_its_branch_when_it_is_not_on_the_active_path(
+    server: Server,
+) -> None:
+    """A hit on an inactive branch (an edited question) opens that branch, scrolled to the
+    message; a hit on the active path opens it as it is, scrolled to the message."""
+    auth = {"Authorization": "Bearer tok-alice"}
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        branched = str(client.post("/api/sessions", json={"title": "ветки 🌳"}, headers=auth).json()["id"])
+        _turn(client, branched, _long(1))
+        _turn(client, branched, f"Where is {FOUND}? e\u0301 🦓")  # seq 3, its reply 4
+        for i in range(3, 12):
+            _turn(client, branched, _long(i))  # seqs 5 to 22
+        _turn(client, branched, "edited, no word here ✍️", parent_seq=2)  # 23, reply 24: active
+        path = client.get(f"/api/sessions/{branched}", headers=auth).json()["messages"]
+        assert [m["seq"] for m in path] == [1, 2, 23, 24]
+        plain = str(client.post("/api/sessions", json={"title": "一本道"}, headers=auth).json()["id"])
+        _turn(client, plain, "Top: the word مرحبا-🐙 is here")  # seq 1, its reply 2
+        for i in range(2, 12):
+            _turn(client, plain, _long(i))
+    with sync_playwright() as p:
+        browser: Browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            _sign_in(page, server.url)
+            page.fill("#search", FOUND)
+            hit = page.locator("#hits li[data-seq='3']")
+            expect(hit).to_have_count(1, timeout=TIMEOUT)
+            hit.click()
+            found = page.locator("#log .turn[data-seq='3']")
+            expect(found).to_contain_text(f"Where is {FOUND}?", timeout=TIMEOUT)
+            expect(found).to_be_in_viewport()
+            seqs = page.locator("#log .turn").evaluate_all("ts => ts.map(t => Number(t.dataset.seq))")
+            assert seqs == list(range(1, 23))  # the message's branch, from the start to its end
+            expect(page.locator("#log .turn[data-seq='23']")).to_have_count(0)
+            expect(page.locator("#log .turn[data-seq='3'] .alts .count")).to_have_text("1/2")
+            with httpx.Client(base_url=server.url, timeout=30) as client:
+                now = client.get(f"/api/sessions/{branched}", headers=auth).json()["messages"]
+            assert [m["seq"] for m in now][:3] == [1, 2, 3]  # the switch is the session's, not the page's
+            # A hit on the active path: no switch, scrolled up to it.
+            page.fill("#search", "مرحبا-🐙")
+            top = page.locator(f"#hits li[data-id='{plain}'][data-seq='1']")
+            expect(top).to_have_count(1, timeout=TIMEOUT)
+            top.click()
+            first = page.locator("#log .turn[data-seq='1']")
+            expect(first).to_contain_text("Top: the word", timeout=TIMEOUT)
+            expect(first).to_be_in_viewport()
+            expect(page.locator("#log .turn").last).not_to_be_in_viewport()
+            expect(page.locator("#log .turn")).to_have_count(22)
+            assert page.evaluate("localStorage.getItem('wb-session')") == plain
             assert errors == []
         finally:
             browser.close()

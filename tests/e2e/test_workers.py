@@ -283,6 +283,34 @@ def test_stop_sent_to_another_worker_stops_the_reply_where_it_is_written(tmp_pat
         assert disk[1][2] == said
 
 
+def test_the_path_stays_while_a_reply_is_written_on_another_worker(tmp_path: Path) -> None:
+    """An edit, a regenerate and a switch sent to B while A writes a reply are refused (409)
+    as they are on A; once B has stopped the reply, B regenerates it."""
+    with _workers(tmp_path, 2, delay_ms=150) as (servers, _):
+        a, b = servers
+        sid = _create(a, "alice")
+        _post(a, "alice", sid, "first 你好 👋🏽")
+        _wait_replies(servers, "alice", [sid])
+        _post(a, "alice", sid, "a long answer, please שלום")
+        with client(b, "alice") as c:
+            for event in events(c, sid, last_event_id="2:0"):
+                if event["seq"] == 4 and "token2" in str(event["text"]):
+                    break
+            refused = {
+                "edit": c.post(f"/api/sessions/{sid}/messages", json={"content": "é ✍️", "parent_seq": 2}),
+                "regenerate": c.post(f"/api/sessions/{sid}/regenerate"),
+                "switch": c.post(f"/api/sessions/{sid}/branch", json={"seq": 2}),
+            }
+            for name, r in refused.items():
+                assert r.status_code == 409, (name, r.text)
+                assert "being written" in r.json()["error"]["message"], (name, r.text)
+            stopped = c.post(f"/api/sessions/{sid}/stop")
+            assert [m["seq"] for m in stopped.json()["stopped"]] == [4], stopped.text
+            again = c.post(f"/api/sessions/{sid}/regenerate")
+            assert again.status_code == 202, again.text
+            assert again.json()["alternatives"] == [4, 5]
+
+
 def test_uvicorn_workers_share_one_port(tmp_path: Path) -> None:
     """`python -m writebehind.server --workers 4` on PostgreSQL starts, and a burst of
     requests spread by the kernel over the workers loses nothing."""

@@ -551,6 +551,14 @@ class PostgresBackend:
             )
         return [_record(row, tuple(messages[row["id"]])) for row in rows]
 
+    async def holds_sealed_values(self) -> bool:
+        """`SQLiteBackend.holds_sealed_values`: the text form is the only one here."""
+        async with _errors("holds_sealed_values"), self._acquire() as conn:
+            found = await conn.fetchval(
+                f"SELECT true FROM {self.schema}.sessions WHERE left(title, 5) = 'wbe1:' LIMIT 1"
+            )
+        return bool(found)
+
     async def list_sessions(
         self, user_id: UserId, *, limit: int | None = None, offset: int = 0
     ) -> list[SessionSummary]:

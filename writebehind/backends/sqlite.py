@@ -54,6 +54,10 @@ from .migrations import SQLITE as MIGRATIONS
 __all__ = ["SCHEMA_VERSION", "SQLiteBackend"]
 
 T = TypeVar("T")
+# (deltas written, their session rows) -> (fresh message rows, other message rows): what
+# `_message_rows` returns, made by the sealer, which also rewrites the session rows in place
+# (see `SQLiteBackend.write_batch`).
+RowSealer = Callable[[Sequence[SessionDelta], list[tuple[Any, ...]]], tuple[list[Any], list[Any]]]
 LOG = logging.getLogger("writebehind")
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 _EXPORT_PAGE: Final = 50
@@ -321,8 +325,15 @@ class SQLiteBackend:
     # -- writes (the flush worker's) ---------------------------------------------------------
 
     async def write_batch(
-        self, deltas: Sequence[SessionDelta], touches: Sequence[tuple[str, datetime]] = ()
+        self,
+        deltas: Sequence[SessionDelta],
+        touches: Sequence[tuple[str, datetime]] = (),
+        *,
+        seal: RowSealer | None = None,
     ) -> BatchResult:
+        """Write the batch in one transaction. `seal`, if given, makes the rows to write in
+        the writer's thread (`EncryptedBackend` encrypts them there: no sealed copy of the
+        batch is made, and no other thread is hopped to)."""
         if not deltas and not touches:
             return BatchResult({})
 
@@ -343,13 +354,17 @@ class SQLiteBackend:
                 current.update(rows)
             written, conflicts = check_versions(deltas, current)
             if written:
-                conn.executemany(_UPSERT_SESSION, [_session_row(d) for d in written])
+                sessions = [_session_row(d) for d in written]
+                if seal is None:
+                    fresh, others = _message_rows(written)
+                else:
+                    fresh, others = seal(written, sessions)
+                conn.executemany(_UPSERT_SESSION, sessions)
                 # Popped messages go before the upsert: a seq popped and appended again is
                 # then a plain insert of the new message, never an update of the old row.
                 truncated = [(d.record.id, d.truncate_after) for d in written if d.truncate_after is not None]
                 if truncated:
                     conn.executemany("DELETE FROM messages WHERE session_id = ? AND seq > ?", truncated)
-                fresh, others = _message_rows(written)
                 if fresh:
                     # Rows never offered to a flush before: a plain INSERT, which costs SQLite
                     # one index probe a row less than the upsert (a few % of a flush).
@@ -465,29 +480,22 @@ class SQLiteBackend:
             LOG.warning("checkpoint after an erasure was blocked by a reader; the WAL is kept")
 
     async def backup(self, dest: str | os.PathLike[str]) -> None:
-        """A consistent online copy of the database (SQLite's backup API) at `dest`, created
-        mode 0600, checked with `integrity_check`. The app may keep writing meanwhile; a
+        """A consistent online copy of the database at `dest`, made as the scheduled backups
+        are (`writebehind.backups.copy_database`): one self-contained file, mode 0600,
+        checked with `integrity_check`, under a temporary name until whole, nothing left at
+        `dest` if it fails (a full disk included). The app may keep writing meanwhile; a
         read-only backend can make it beside a running app."""
+        # Imported here: `backups` builds on this module.
+        from ..backups import copy_database
+
         dest_path = Path(dest)
-        try:
-            os.close(os.open(dest_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        except FileExistsError:
-            raise StorageError(f"{dest_path} exists; refusing to overwrite it") from None
-        except OSError as exc:
-            raise StorageError(f"cannot create {dest_path}: {exc.strerror}") from exc
 
-        def copy(conn: sqlite3.Connection) -> str:
-            target = sqlite3.connect(dest_path)
-            try:
-                conn.backup(target)
-                row = target.execute("PRAGMA integrity_check").fetchone()
-            finally:
-                target.close()
-            return "no answer" if row is None else str(row[0])
+        def copy() -> None:
+            if dest_path.exists():
+                raise StorageError(f"{dest_path} exists; refusing to overwrite it")
+            copy_database(self.path, dest_path, busy_timeout_ms=self._busy_timeout_ms)
 
-        result = await self._query(f"backup to {dest_path}", copy)
-        if result != "ok":
-            raise StorageError(f"the backup at {dest_path} failed its integrity check: {result}")
+        await asyncio.to_thread(copy)
 
     # -- reads -------------------------------------------------------------------------------
     #
@@ -603,6 +611,19 @@ class SQLiteBackend:
             ]
 
         return await self._query_tables("search", find, [])
+
+    async def holds_sealed_values(self) -> bool:
+        """Whether any session row holds an encrypted title (`writebehind.encryption` seals
+        every title, None included): the bytes form, or the text form's `wbe1:` prefix. A
+        scan at most, once, when an encrypting store finds no keys store to open."""
+
+        def find(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT 1 FROM sessions WHERE typeof(title) = 'blob' OR substr(title, 1, 5) = 'wbe1:' LIMIT 1"
+            ).fetchone()
+            return row is not None
+
+        return await self._query_tables("holds_sealed_values", find, False)
 
     async def count_older_than(self, cutoff: datetime) -> int:
         """How many sessions `purge_older_than(cutoff)` would delete (a dry run)."""

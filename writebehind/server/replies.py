@@ -39,12 +39,12 @@ from .. import (
     NotFound,
     SessionRecord,
     SessionStore,
+    SessionTree,
     StoredMessage,
     ValidationError,
     WriteBehindError,
     WriteBehindStore,
 )
-from ..branches import parent_of
 from .auth import Caller
 from .errors import ApiError
 from .responder import Responder, ResponderError, tokens_of
@@ -122,12 +122,15 @@ class Replies:
         self._store = store
         self._responder = responder
         self._notify = notify
-        self._writing: set[tuple[str, str]] = set()  # (session, message) a task here will finish
+        # per session: the replies a task here will finish whose end is not stored yet (a
+        # reply waiting for its turn included). What `_idle` asks, in O(1).
+        self._writing: dict[str, set[str]] = {}
         self._last: dict[str, asyncio.Task[None]] = {}  # per session: the reply the next one waits for
         self._tasks: set[asyncio.Task[None]] = set()
         # per session: its reply tasks, in order, by message id (what `stop()` ends)
         self._running: dict[str, dict[str, asyncio.Task[None]]] = {}
         self._callers: dict[str, Caller] = {}  # per session: who its running replies are for
+        self._seqs: dict[tuple[str, str], int] = {}  # (session, message) of a running reply: its seq
         self._stopping: set[tuple[str, str]] = set()  # (session, message) the user stopped
 
     def progress(self, session_id: str, message: StoredMessage, *, elsewhere: bool | None = None) -> Progress:
@@ -138,7 +141,7 @@ class Replies:
         meta = message.metadata or {}
         if meta.get("done", True):
             return _CUT if meta.get("interrupted") else _STOPPED if meta.get("stopped") else _WHOLE
-        if (session_id, message.id) in self._writing:
+        if message.id in self._writing.get(session_id, ()):
             return _WRITING
         if elsewhere is None:
             elsewhere = isinstance(self._store, WriteBehindStore) and self._store.kept_elsewhere(session_id)
@@ -162,33 +165,35 @@ class Replies:
 
     async def start(
         self, session_id: str, content: str, who: Caller, parent_seq: int | None = None
-    ) -> tuple[StoredMessage, StoredMessage, SessionRecord]:
+    ) -> tuple[StoredMessage, StoredMessage, SessionTree]:
         """Store the caller's message and an empty reply after it; a task writes the reply
         once the session's earlier replies have ended. `parent_seq`: the message goes after
         that one (an edit: the parent of the message it replaces), not after the end of the
         active path; then 409 while a reply is being written. Returns both messages and
-        the session as it is after them."""
+        the session's tree as it is after them."""
         reply_id = secrets.token_hex(16)
-        key = (session_id, reply_id)
         try:
             async with self._hold(session_id):  # the question and its placeholder stay together
                 if parent_seq is not None:
                     await self._idle(session_id, who)
                 # No await since the check: nobody starts a reply meanwhile. Before the
                 # placeholder exists: no reader may take it for a cut one.
-                self._writing.add(key)
+                self._begin(session_id, reply_id)
                 with _a_message_it_has("parent_seq"):
                     said = await self._store.append_message(
                         session_id, role="user", content=content, parent_seq=parent_seq, **who.who
                     )
                 reply = await self._placeholder(session_id, reply_id, said.seq, who)
         except BaseException:
-            self._writing.discard(key)
+            self._end(session_id, reply_id)
             raise
         self._launch(session_id, reply, who)
-        if said.seq == 1:
-            await self._title(session_id, content, who)
-        return said, reply, await self._store.get_session(session_id, **who.who)
+        tree = await self._store.get_tree(session_id, **who.who)
+        if said.seq == 1 and tree.title is None and (title := title_from(content)):
+            # An untitled session takes its title from its first message.
+            with contextlib.suppress(NotFound):
+                await self._store.update_session(session_id, title=title, **who.who)
+        return said, reply, tree
 
     async def _placeholder(
         self, session_id: str, reply_id: str, parent_seq: int, who: Caller
@@ -205,53 +210,66 @@ class Replies:
             **who.who,
         )
 
-    async def _idle(self, session_id: str, who: Caller) -> SessionRecord:
-        """The session, when no reply is being written on it or waits to be (one another
-        instance writes included); else 409: a change of its active path waits for them."""
-        record = await self._store.get_session(session_id, **who.who)
-        # The replies being written, and those waiting, are on the active path (only an
-        # append after its end changes it meanwhile). A reply whose end is stored counts
-        # as ended even if its task has yet to return: the next one waits for it anyway.
-        if any(not self.progress(session_id, m).done for m in record.path if m.role == "assistant"):
+    async def _idle(self, session_id: str, who: Caller) -> SessionTree:
+        """The session's tree, when no reply is being written on it or waits to be (one
+        another instance writes included); else 409: a change of its active path waits for
+        them. O(1) here; a session another instance keeps is read from the database anyway."""
+        tree = await self._store.get_tree(session_id, **who.who)
+        # A reply whose end is stored counts as ended even if its task has yet to return:
+        # the next one waits for it anyway (`_produce` lets go of it once its end is stored).
+        busy = bool(self._writing.get(session_id))
+        store = self._store
+        if not busy and isinstance(store, WriteBehindStore) and store.kept_elsewhere(session_id):
+            # Its replies are written there: one not done on the active path (where they
+            # are, and wait) is being written.
+            path = await store.get_messages(session_id, **who.who)
+            busy = any(not self.progress(session_id, m, elsewhere=True).done for m in path)
+        if busy:
             raise ApiError(
                 409, "conflict", f"session {session_id!r}: a reply is still being written; stop it first"
             )
-        return record
+        return tree
 
-    async def regenerate(self, session_id: str, who: Caller) -> tuple[StoredMessage, SessionRecord]:
+    async def regenerate(self, session_id: str, who: Caller) -> tuple[StoredMessage, SessionTree]:
         """A new reply to the question the last reply answers, appended as that reply's
         sibling (the old one stays, an alternative: "2/2"), and written like any reply.
-        Returns the new (empty) reply and the session after it. 409 when the active path
-        does not end with a reply to something, or a reply is still being written (stop it
-        first)."""
+        Returns the new (empty) reply and the session's tree after it. 409 when the active
+        path does not end with a reply to something, or a reply is still being written (stop
+        it first)."""
         reply_id = secrets.token_hex(16)
-        key = (session_id, reply_id)
         try:
             async with self._hold(session_id):
-                record = await self._idle(session_id, who)
-                path = record.path
-                last = path[-1] if path else None
-                question = 0 if last is None else parent_of(record.branches, last.seq)
-                if last is None or last.role != "assistant" or question == 0:
+                tree = await self._idle(session_id, who)
+                leaf = tree.leaf
+                # The path's last message only (seqs grow along a path: it is the one after
+                # leaf - 1), not the session.
+                last = await self._store.get_messages(
+                    session_id, after_seq=max(0, leaf - 1), limit=1, **who.who
+                )
+                question = tree.parent(leaf) if leaf else 0
+                if not last or last[0].role != "assistant" or question == 0:
                     raise ApiError(409, "conflict", f"session {session_id!r} has no reply to regenerate")
-                self._writing.add(key)  # no await since the check: nobody starts a reply meanwhile
+                self._begin(session_id, reply_id)  # no await since the check: nobody starts a reply meanwhile
                 reply = await self._placeholder(session_id, reply_id, question, who)
         except BaseException:
-            self._writing.discard(key)
+            self._end(session_id, reply_id)
             raise
         self._launch(session_id, reply, who)
-        return reply, await self._store.get_session(session_id, **who.who)
+        return reply, await self._store.get_tree(session_id, **who.who)
 
-    async def switch(self, session_id: str, seq: int, who: Caller) -> SessionRecord:
+    async def switch(
+        self, session_id: str, seq: int, who: Caller
+    ) -> tuple[SessionTree, tuple[StoredMessage, ...]]:
         """Make the active path go through message `seq` (on to its most recent
-        continuation); returns the session after it. 409 while a reply is being written."""
+        continuation); returns the session's tree and its new path. 409 while a reply is
+        being written."""
         async with self._hold(session_id):
             await self._idle(session_id, who)
             with _a_message_it_has("seq"):
-                await self._store.switch_branch(session_id, seq, **who.who)
-            record = await self._store.get_session(session_id, **who.who)
+                path = await self._store.switch_branch(session_id, seq, **who.who)
+            tree = await self._store.get_tree(session_id, **who.who)
         self._notify(session_id)  # its open streams show the new path
-        return record
+        return tree, path
 
     async def stop(self, session_id: str, who: Caller) -> list[StoredMessage]:
         """End the session's replies, the one being written and those waiting behind it:
@@ -260,15 +278,22 @@ class Replies:
         running = dict(self._running.get(session_id, {}))
         if not running:
             return []
+        first = min(self._seqs[(session_id, message_id)] for message_id in running)
         for message_id, task in running.items():
             self._stopping.add((session_id, message_id))
             task.cancel()
         await asyncio.wait(running.values())
         stopped = []
-        # Every message, not only the active path's: wherever a reply is, it gets its mark.
-        for m in (await self._store.get_session(session_id, **who.who)).messages:
-            if m.id not in running:
-                continue
+        # The running replies end the active path (they were appended at its end, and it
+        # cannot change while they run): its tail from the first of them has them all.
+        tail = await self._store.get_messages(session_id, after_seq=first - 1, **who.who)
+        found = [m for m in tail if m.id in running]
+        if len(found) < len(running):
+            # Not there (the app changed the path some other way): wherever a reply is, it
+            # gets its mark.
+            record = await self._store.get_session(session_id, **who.who)
+            found = [m for m in record.messages if m.id in running]
+        for m in found:
             meta = m.metadata or {}
             if not meta.get("done", True):  # stopped before its task began: nothing was said
                 m = await self._store.update_message(
@@ -276,7 +301,7 @@ class Replies:
                 )
             stopped.append(m)
         for message_id in running:
-            self._writing.discard((session_id, message_id))
+            self._end(session_id, message_id)
             self._stopping.discard((session_id, message_id))
         self._notify(session_id)
         return stopped
@@ -323,12 +348,14 @@ class Replies:
         self._last[session_id] = task
         self._tasks.add(task)
         self._running.setdefault(session_id, {})[reply.id] = task
+        self._seqs[key] = reply.seq
         self._callers[session_id] = who
 
         def finished(task: asyncio.Task[None]) -> None:
             self._tasks.discard(task)
+            self._seqs.pop(key, None)
             if key not in self._stopping:  # else `stop()` lets go of it once it has its mark
-                self._writing.discard(key)
+                self._end(session_id, reply.id)
             running = self._running.get(session_id, {})
             running.pop(reply.id, None)
             if not running:
@@ -341,12 +368,17 @@ class Replies:
         task.add_done_callback(finished)
         self._notify(session_id)
 
-    async def _title(self, session_id: str, content: str, who: Caller) -> None:
-        """An untitled session takes its title from its first message."""
-        with contextlib.suppress(NotFound):
-            record = await self._store.get_session(session_id, **who.who)
-            if record.title is None and (title := title_from(content)):
-                await self._store.update_session(session_id, title=title, **who.who)
+    def _begin(self, session_id: str, message_id: str) -> None:
+        """A task here will write reply `message_id` of the session, to its end."""
+        self._writing.setdefault(session_id, set()).add(message_id)
+
+    def _end(self, session_id: str, message_id: str) -> None:
+        """The reply's end is stored, or no task here will write it any more."""
+        writing = self._writing.get(session_id)
+        if writing is not None:
+            writing.discard(message_id)
+            if not writing:
+                del self._writing[session_id]
 
     async def _write(
         self, session_id: str, reply: StoredMessage, who: Caller, previous: asyncio.Task[None] | None
@@ -374,7 +406,14 @@ class Replies:
         try:
             if previous is not None:
                 await asyncio.wait([previous])  # its outcome is its own
-            history = history_of(await self._store.get_session(session_id, **who.who), reply.seq)
+            # The reply ends the active path's part before it (a path cannot change while a
+            # reply is written or waits): that path, not a copy of the whole session.
+            path = await self._store.get_messages(session_id, **who.who)
+            at = next((i for i in range(len(path) - 1, -1, -1) if path[i].id == reply.id), None)
+            if at is not None:
+                history = list(path[:at])
+            else:  # the app moved the path some other way: the reply's own path
+                history = history_of(await self._store.get_session(session_id, **who.who), reply.seq)
             # `tokens_of` closes the responder however this ends: a stop closes its HTTP stream.
             async with tokens_of(self._responder, history) as tokens:
                 async for token in tokens:
@@ -397,6 +436,9 @@ class Replies:
         finally:
             with contextlib.suppress(WriteBehindError):
                 await self._store.update_message(session_id, reply.id, metadata=end, **who.who)
+                # Ended, though this task has yet to return: the path may change now.
+                if (session_id, reply.id) not in self._stopping:
+                    self._end(session_id, reply.id)
 
     async def aclose(self) -> None:
         """Cut every reply (each keeps what was said, marked interrupted) and wait for them."""

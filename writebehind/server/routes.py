@@ -15,11 +15,20 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 from sse_starlette import EventSourceResponse
 
-from .. import NotFound, SessionRecord, SessionStore, SessionSummary, StoredMessage, WriteBehindStore
-from ..branches import active_path
+from .. import (
+    NotFound,
+    SessionRecord,
+    SessionStore,
+    SessionSummary,
+    SessionTree,
+    StoredMessage,
+    UserId,
+    WriteBehindStore,
+)
+from ..branches import Branches
 from ..integrations import FRAMEWORK_STATUSES
 from ..policy import preferences_id
-from ..search import MAX_LIMIT, MAX_OFFSET, MAX_QUERY_CHARS, search_memory
+from ..search import MAX_LIMIT, MAX_OFFSET, MAX_QUERY_CHARS, SearchHit, search_memory
 from .auth import Caller, caller, remember
 from .errors import ApiError
 from .replies import Replies
@@ -113,23 +122,40 @@ def _check_id(session_id: str) -> str:
 
 
 def _out(
-    store: Store, who: Caller, s: SessionRecord | SessionSummary, messages: list[MessageOut] | None = None
+    store: Store,
+    who: Caller,
+    s: SessionRecord | SessionSummary | SessionTree,
+    messages: list[MessageOut] | None = None,
 ) -> SessionOut:
     """A session of the caller's, as the API says it (`temporary` from the store's memory)."""
     return SessionOut.of(s, messages, temporary=store.is_temporary(s.id, **who.who))
 
 
 def _messages_out(
-    record: SessionRecord, messages: Sequence[StoredMessage], replies: Replies
+    session: SessionRecord | SessionTree, messages: Sequence[StoredMessage], replies: Replies
 ) -> list[MessageOut]:
-    """`messages` of `record`, each with its progress, parent and alternatives."""
-    family = Family(record, (m.seq for m in messages))
-    return [MessageOut.of(m, replies.progress(record.id, m), family) for m in messages]
+    """`messages` of `session`, each with its progress, parent and alternatives (from the
+    session's tree: a `SessionTree` does, no copy of its messages needed)."""
+    branches: Branches | None = session.branches
+    count = session.message_count if isinstance(session, SessionTree) else len(session.messages)
+    family = Family(branches, count, (m.seq for m in messages))
+    return [MessageOut.of(m, replies.progress(session.id, m), family) for m in messages]
 
 
-def _with_messages(store: Store, who: Caller, record: SessionRecord, replies: Replies) -> SessionOut:
-    """The session with its active path."""
-    return _out(store, who, record, _messages_out(record, record.path, replies))
+def _not_a_thread(session: SessionRecord | SessionTree) -> None:
+    """An agent framework's thread (`writebehind.integrations`) is not a chat: every by-id
+    route answers it exactly as a missing session, so that no chat client appends to it,
+    renames, stops, branches or deletes it (the export still carries it)."""
+    if session.status in FRAMEWORK_STATUSES:
+        raise NotFound(session.id)
+
+
+async def _chat(store: Store, session_id: str, who: Caller) -> SessionTree:
+    """The caller's chat `session_id` (its tree, O(1)); else the `NotFound` of a missing
+    session, for another user's session and for a framework's thread alike."""
+    tree = await store.get_tree(_check_id(session_id), **who.who)
+    _not_a_thread(tree)
+    return tree
 
 
 @router.get("/healthz")
@@ -200,12 +226,12 @@ def _folded(text: str) -> str:
 
 def _matcher(
     q: str | None, archived: ArchivedFilter
-) -> Callable[[SessionRecord | SessionSummary], bool] | None:
+) -> Callable[[SessionTree | SessionSummary], bool] | None:
     """Which sessions a listing keeps (None: all of them). `q` matches titles: every word
     of it must appear in the title, in any order and case."""
     terms = _folded(q).split() if q else []
 
-    def keep(s: SessionRecord | SessionSummary) -> bool:
+    def keep(s: SessionTree | SessionSummary) -> bool:
         if s.status in FRAMEWORK_STATUSES:
             return False  # an agent framework's thread or state (writebehind.integrations)
         if archived != "include" and (s.status == ARCHIVED) != (archived == "only"):
@@ -240,7 +266,7 @@ async def list_sessions(
     """My sessions, most recently updated first: by default those not archived."""
     store = _store(request)
     keep = _matcher(q, archived)
-    page: list[SessionRecord] | list[SessionSummary]
+    page: list[SessionTree] | list[SessionSummary]
     if who.user_id is not None and keep is None:
         page = await store.list_sessions(who.user_id, limit=limit, offset=offset)
     elif who.user_id is not None:
@@ -249,11 +275,11 @@ async def list_sessions(
         mine = await store.list_sessions(who.user_id)
         page = [s for s in mine if keep is None or keep(s)][offset : offset + limit]
     else:
-        records: list[SessionRecord] = []
+        trees: list[SessionTree] = []
         for sid in reversed(request.app.state.anon_sessions.get(who.binding or "", [])):
             with contextlib.suppress(NotFound):
-                records.append(await store.get_session(sid, user_id=None, binding_token=who.binding))
-        page = [r for r in records if keep is None or keep(r)][offset : offset + limit]
+                trees.append(await store.get_tree(sid, user_id=None, binding_token=who.binding))
+        page = [t for t in trees if keep is None or keep(t)][offset : offset + limit]
     return SessionList(
         sessions=[_out(store, who, s) for s in page], limit=limit, offset=offset, q=q, archived=archived
     )
@@ -276,7 +302,9 @@ async def search(
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     order: Annotated[SearchOrder, Query(description="`relevance` (best first) or `newest`")] = "relevance",
 ) -> SearchResults:
-    """My messages that hold every word of `q`, with a snippet of each, a page at a time."""
+    """My messages that hold every word of `q`, with a snippet of each, a page at a time.
+    Agent frameworks' threads are not chats: their messages are left out (`offset` and
+    `next_offset` count them all the same, so a page may be short: follow `next_offset`)."""
     if who.user_id is None:
         raise ApiError(
             401,
@@ -285,12 +313,18 @@ async def search(
             {"WWW-Authenticate": "Bearer"},
         )
     store = _store(request)
+    found: list[SearchHit]
     if isinstance(store, WriteBehindStore):
-        page = await store.search(who.user_id, q, limit=limit, offset=offset, order=order)
+        found, next_offset = await _search_chats(store, who.user_id, q, limit, offset, order)
     else:  # persistence off: the caller's sessions in memory are all there is
         uid, skip = who.user_id, preferences_id(who.user_id)
-        mine = [(e.id, e.title, list(e.messages)) for e in store.tier.sessions_of(uid) if e.id != skip]
+        mine = [
+            (e.id, e.title, list(e.messages))
+            for e in store.tier.sessions_of(uid)
+            if e.id != skip and e.status not in FRAMEWORK_STATUSES
+        ]
         page = search_memory(mine, q, limit=limit, offset=offset, order=order)
+        found, next_offset = list(page.hits), page.next_offset
     hits = [
         SearchHitOut(
             session_id=h.session_id,
@@ -301,11 +335,47 @@ async def search(
             created_at=h.created_at.isoformat(),
             snippet=[SearchSegment(text=text, match=hit) for text, hit in h.snippet],
         )
-        for h in page.hits
+        for h in found
     ]
-    return SearchResults(
-        hits=hits, q=q, order=order, limit=limit, offset=offset, next_offset=page.next_offset
-    )
+    return SearchResults(hits=hits, q=q, order=order, limit=limit, offset=offset, next_offset=next_offset)
+
+
+# How many pages of the store's answer one search request reads to fill its page when
+# framework threads' hits are left out; a page still short after them says where to go on.
+_SEARCH_ROUNDS: Final = 4
+
+
+async def _search_chats(
+    store: WriteBehindStore, user_id: UserId, q: str, limit: int, offset: int, order: SearchOrder
+) -> tuple[list[SearchHit], int | None]:
+    """A page of the store's search with the hits in framework threads left out, and the
+    offset (in the store's answer) of the next page, None on the last."""
+    threads: set[str] | None = None
+    hits: list[SearchHit] = []
+    at, next_offset = offset, None
+    for round_ in range(_SEARCH_ROUNDS):
+        # The first read is the page asked for: what every search of a user without threads
+        # costs. Only after hits were left out, bigger ones fill the rest.
+        size = limit if round_ == 0 else MAX_LIMIT
+        page = await store.search(user_id, q, limit=size, offset=at, order=order)
+        if page.hits and threads is None:
+            # Which of the user's sessions are threads: the store's search knows no status
+            # (summaries only, one read, as the filtered listing does).
+            mine = await store.list_sessions(user_id)
+            threads = {s.id for s in mine if s.status in FRAMEWORK_STATUSES}
+        used = len(page.hits)
+        for i, hit in enumerate(page.hits):
+            if threads is None or hit.session_id not in threads:
+                hits.append(hit)
+            if len(hits) == limit:
+                used = i + 1
+                break
+        at += used
+        more = used < len(page.hits) or page.next_offset is not None
+        next_offset = at if more and at <= MAX_OFFSET else None
+        if len(hits) == limit or next_offset is None:
+            break
+    return hits, next_offset
 
 
 @router.get("/api/sessions/{session_id}", responses=_answers(401, 404, 503))
@@ -315,8 +385,9 @@ async def get_session(session_id: SessionId, request: Request, who: Who) -> Sess
     replies = _replies(request)
     store = _store(request)
     record = await store.get_session(_check_id(session_id), **who.who)
+    _not_a_thread(record)
     await replies.settle(record.id, record.messages, who)
-    return _with_messages(store, who, record, replies)
+    return _out(store, who, record, _messages_out(record, record.path, replies))
 
 
 @router.patch(
@@ -325,6 +396,12 @@ async def get_session(session_id: SessionId, request: Request, who: Who) -> Sess
 async def patch_session(session_id: SessionId, body: SessionPatch, request: Request, who: Who) -> SessionOut:
     changes: dict[str, Any] = body.model_dump(exclude_unset=True)
     store = _store(request)
+    await _chat(store, session_id, who)
+    if changes.get("status") in FRAMEWORK_STATUSES:
+        # A chat made to look like a framework's thread would leave the chat API for good.
+        raise ApiError(
+            422, "validation", f"status: {changes['status']!r} is reserved for agent-framework threads"
+        )
     record = await store.update_session(_check_id(session_id), **who.who, **changes)
     return _out(store, who, record)
 
@@ -332,7 +409,9 @@ async def patch_session(session_id: SessionId, body: SessionPatch, request: Requ
 @router.delete("/api/sessions/{session_id}", status_code=204, responses=_answers(401, 404, 503))
 async def delete_session(session_id: SessionId, request: Request, who: Who) -> Response:
     sid = _check_id(session_id)
-    await _store(request).delete_session(sid, **who.who)
+    store = _store(request)
+    await _chat(store, sid, who)
+    await store.delete_session(sid, **who.who)
     _broker(request).notify(sid)  # its open streams find it gone and say so
     return Response(status_code=204)
 
@@ -342,7 +421,13 @@ async def claim(session_id: SessionId, request: Request, who: Who) -> SessionOut
     if who.user_id is None:
         raise ApiError(401, "unauthorized", "sign in to claim a session", {"WWW-Authenticate": "Bearer"})
     store = _store(request)
-    record = await store.claim(_check_id(session_id), user_id=who.user_id, binding_token=who.binding)
+    sid = _check_id(session_id)
+    try:  # the user's own already (a no-op), or an anonymous one the caller holds
+        tree = await store.get_tree(sid, user_id=who.user_id)
+    except NotFound:
+        tree = await store.get_tree(sid, user_id=None, binding_token=who.binding)
+    _not_a_thread(tree)
+    record = await store.claim(sid, user_id=who.user_id, binding_token=who.binding)
     return _out(store, who, record)  # a temporary chat stays temporary
 
 
@@ -359,8 +444,9 @@ async def post_message(session_id: SessionId, body: NewMessage, request: Request
     of the message it replaces, and becomes its sibling; 409 while a reply is being
     written (stop it first), or for a `parent_seq` the session does not have."""
     replies = _replies(request)
-    said, reply, record = await replies.start(_check_id(session_id), body.content, who, body.parent_seq)
-    user_message, assistant_message = _messages_out(record, (said, reply), replies)
+    await _chat(_store(request), session_id, who)
+    said, reply, tree = await replies.start(session_id, body.content, who, body.parent_seq)
+    user_message, assistant_message = _messages_out(tree, (said, reply), replies)
     return Turn(user_message=user_message, assistant_message=assistant_message)
 
 
@@ -377,16 +463,15 @@ async def list_messages(
     along any path, so `after_seq` is a position on it.)"""
     replies = _replies(request)
     sid = _check_id(session_id)
-    # One read for the page and the tree its alternatives come from.
-    record = await _store(request).get_session(sid, **who.who)
-    if record.branches is None:  # the usual case: the path is every message
-        messages = list(record.messages[after_seq : after_seq + limit + 1])
-    else:
-        messages = active_path(record.messages, record.branches, after_seq)[: limit + 1]
+    store = _store(request)
+    # The page (one more: is there a next?), then the tree its alternatives come from (read
+    # after it, so that it knows every message of the page). Neither copies the session.
+    messages = await store.get_messages(sid, after_seq=after_seq, limit=limit + 1, **who.who)
+    tree = await _chat(store, sid, who)
     await replies.settle(sid, messages, who)
     page = messages[:limit]
     return MessagePage(
-        messages=_messages_out(record, page, replies),
+        messages=_messages_out(tree, page, replies),
         after_seq=after_seq,
         limit=limit,
         next_after_seq=page[-1].seq if len(messages) > limit else None,
@@ -400,15 +485,15 @@ async def stop(session_id: SessionId, request: Request, who: Who) -> Stopped:
     replies = _replies(request)
     sid = _check_id(session_id)
     store = _store(request)
-    await store.get_messages(sid, after_seq=0, limit=1, **who.who)  # 404 for another's
+    await _chat(store, sid, who)  # 404 for another's, and for a framework's thread
     if isinstance(store, WriteBehindStore) and store.kept_elsewhere(sid):
         stopped = await replies.stop_elsewhere(sid, who)  # its replies run on another instance
     else:
         stopped = await replies.stop(sid, who)
     if not stopped:
         return Stopped(stopped=[])
-    record = await store.get_session(sid, **who.who)
-    return Stopped(stopped=_messages_out(record, stopped, replies))
+    tree = await store.get_tree(sid, **who.who)
+    return Stopped(stopped=_messages_out(tree, stopped, replies))
 
 
 @router.post("/api/sessions/{session_id}/regenerate", status_code=202, responses=_answers(401, 404, 409, 503))
@@ -419,8 +504,9 @@ async def regenerate(session_id: SessionId, request: Request, who: Who) -> Messa
     does not end with a reply, or a reply is still being written (stop it first)."""
     replies = _replies(request)
     sid = _check_id(session_id)
-    reply, record = await replies.regenerate(sid, who)
-    (out,) = _messages_out(record, (reply,), replies)
+    await _chat(_store(request), sid, who)
+    reply, tree = await replies.regenerate(sid, who)
+    (out,) = _messages_out(tree, (reply,), replies)
     return out
 
 
@@ -436,8 +522,9 @@ async def switch_branch(session_id: SessionId, body: SwitchBranch, request: Requ
     written, or for a `seq` the session does not have."""
     store = _store(request)
     replies = _replies(request)
-    record = await replies.switch(_check_id(session_id), body.seq, who)
-    return _with_messages(store, who, record, replies)
+    await _chat(store, session_id, who)
+    tree, path = await replies.switch(session_id, body.seq, who)
+    return _out(store, who, tree, _messages_out(tree, path, replies))
 
 
 _EVENTS_DOC: Final = {
@@ -480,6 +567,7 @@ async def events(
     replies = _replies(request)
     sid = _check_id(session_id)
     record = await store.get_session(sid, **who.who)  # 404 before the stream starts
+    _not_a_thread(record)
     await replies.settle(sid, record.path, who)
     start = resume_point(last_event_id, record)
     ACCESS.info("stream session=%s user=%s from=%s:%s", sid, who.user_id, start.seq, start.units)

@@ -8,8 +8,8 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
-from .. import SessionRecord, SessionSummary, StoredMessage
-from ..branches import parent_of, siblings
+from .. import SessionRecord, SessionSummary, SessionTree, StoredMessage
+from ..branches import Branches, parent_of
 from .replies import Progress, error_of
 
 __all__ = [
@@ -140,14 +140,32 @@ class ErrorBody(BaseModel):
 
 class Family:
     """Where messages stand in their session's tree (`writebehind.branches`): each one's
-    parent and alternatives, for a few messages of one session read once. O(messages)
-    for a session that branched, O(1) for one that never did."""
+    parent and alternatives, for a few messages of one session. Built from the branch
+    points alone (`SessionTree.branches`, or a record's): O(branch points + messages asked
+    about), whatever the session's length; nothing of its messages is read."""
 
     __slots__ = ("_branches", "_siblings")
 
-    def __init__(self, record: SessionRecord, seqs: Iterable[int]) -> None:
-        self._branches = record.branches
-        self._siblings = siblings(record.branches, len(record.messages), seqs)
+    def __init__(self, branches: Branches | None, message_count: int, seqs: Iterable[int]) -> None:
+        self._branches = branches
+        self._siblings: dict[int, list[int]] = {}
+        if branches is None:
+            return  # a session that never branched: no message has an alternative
+        parents = branches.parents
+        # A message's children are the one after it (unless that one starts elsewhere) and
+        # the branch points that start at it: only the latter need a table.
+        starts: dict[int, list[int]] = {}
+        for seq, parent in parents.items():
+            if seq <= message_count:
+                starts.setdefault(parent, []).append(seq)
+        for seq in seqs:
+            parent = parents.get(seq, seq - 1)
+            family = set(starts.get(parent, ()))
+            after = parent + 1
+            if after <= message_count and parents.get(after, parent) == parent:
+                family.add(after)
+            if len(family) > 1:
+                self._siblings[seq] = sorted(family)
 
     def parent(self, seq: int) -> int:
         return parent_of(self._branches, seq)
@@ -218,7 +236,7 @@ class SessionOut(BaseModel):
     @classmethod
     def of(
         cls,
-        s: SessionRecord | SessionSummary,
+        s: SessionRecord | SessionSummary | SessionTree,
         messages: list[MessageOut] | None = None,
         *,
         temporary: bool = False,
@@ -229,7 +247,7 @@ class SessionOut(BaseModel):
             status=s.status,
             created_at=s.created_at.isoformat(),
             updated_at=s.updated_at.isoformat(),
-            message_count=s.message_count if isinstance(s, SessionSummary) else len(s.messages),
+            message_count=len(s.messages) if isinstance(s, SessionRecord) else s.message_count,
             temporary=temporary,
             messages=messages,
         )
