@@ -934,3 +934,40 @@ async def test_a_cancelled_flush_of_an_encrypted_batch_still_commits_it_whole(db
             assert [m.content for m in (await store.get_session(f"s{i}", user_id=i % 3)).messages] == want[
                 f"s{i}"
             ]
+
+
+async def test_a_flush_asks_the_keys_file_only_about_users_it_has_not_met_and_an_erasure_forgets(
+    db: Path,
+) -> None:
+    """On SQLite the app alone changes its keys file: a flush looks a user's key up once,
+    not at every flush. An erasure forgets it first: what the user writes after it is
+    sealed under a new key, readable, and the old key stays destroyed."""
+    key = new_key()
+    async with store_for(db, key) as store:
+        backend = store.backend
+        assert isinstance(backend, EncryptedBackend)
+        calls: list[set[str]] = []
+        real = backend.keys.active
+
+        async def active(owners: Any, *args: Any) -> Any:
+            calls.append(set(owners))
+            return await real(owners, *args)
+
+        backend.keys.active = active  # type: ignore[method-assign]
+        await fill(store, "a", 1)
+        await store.flush()
+        for i in range(3):
+            await store.append_message("a", user_id=1, role="user", content=f"again {i} ✓", durable=True)
+        await fill(store, "b", "zoë")
+        await store.flush()
+        assert len(calls) == 2 and all(len(c) == 1 for c in calls)  # user 1 once, zoë once
+        before = {sealed_parts(v)[0] for v in ciphertexts_of(db, 1)}
+        assert await store.delete_user(1) == 1
+        await fill(store, "after", 1, marker="AFTER")
+        await store.flush()
+        assert len(calls) == 3
+        after = {sealed_parts(v)[0] for v in ciphertexts_of(db, 1)}
+        assert len(before) == len(after) == 1 and before != after
+    async with store_for(db, key) as store:
+        assert (await store.get_session("after", user_id=1)).title == f"{TITLE} AFTER"
+        assert (await store.get_session("b", user_id="zoë")).title == f"{TITLE} {MARKER}"

@@ -114,6 +114,8 @@ _BLOB_V1: Final = 1
 _BLOB_HEAD: Final = 1 + _HEAD
 # The first 12 base64 characters after the prefix hold the key id (8 bytes, and one more).
 _KID_CHARS: Final = 12
+# Owners whose live key a SQLite-backed store remembers (~150 bytes each).
+_LIVE_KEYS: Final = 100_000
 # A load with more values than this decrypts in a thread: a 2,000-message session takes a
 # few ms of CPU, which must not stall every other request on the event loop.
 _INLINE_VALUES: Final = 64
@@ -691,6 +693,15 @@ class EncryptedBackend:
         # Data keys by id, unwrapped once. A key id's key never changes; a destroyed one
         # (None) never comes back.
         self._ciphers: dict[bytes, _Cipher] = {}
+        # Each owner's live key (key id, wrapped), when no one but this process changes the
+        # keys store: a SQLite file has one app (its FileLock), and the command line's
+        # writing verbs are refused beside it. A flush then asks the keys store only about
+        # owners it has not met (before: a thread hop and a query every flush, as long as a
+        # one-message durable commit itself). `delete_user` forgets the owner first. Not on
+        # PostgreSQL, where another instance may destroy a key at any time.
+        self._live: dict[str, tuple[bytes, bytes]] | None = (
+            {} if isinstance(keys, SQLiteKeyStore) and not keys.readonly else None
+        )
 
     def __repr__(self) -> str:
         return f"EncryptedBackend({self.inner!r}, {self.keys!r})"
@@ -754,7 +765,16 @@ class EncryptedBackend:
         CPU for 5,000 messages), elsewhere in a thread of its own before the write."""
         if deltas:
             owners = {_owner(d.record.user_id) for d in deltas}
-            stored = await self.keys.active(owners, self._kek_mac, self._make_key)
+            live = self._live
+            if live is None:
+                stored = await self.keys.active(owners, self._kek_mac, self._make_key)
+            else:
+                unknown = owners.difference(live)
+                if unknown:
+                    if len(live) > _LIVE_KEYS:
+                        live.clear()  # a bound on memory: met again, each costs one lookup
+                    live.update(await self.keys.active(unknown, self._kek_mac, self._make_key))
+                stored = {owner: live[owner] for owner in owners}
             keys: dict[str, tuple[bytes, _Encrypt]] = {}
             for owner, (key_id, wrapped) in stored.items():
                 cipher = self._ciphers.get(key_id)
@@ -772,7 +792,10 @@ class EncryptedBackend:
         """Destroy the user's data key (durably), then delete the rows. From the first step
         on, every copy of the user's rows, in any backup, is unreadable; if the second fails,
         the rows left are ciphertext no key opens, and a retry deletes them."""
-        for key_id in await self.keys.destroy(_owner(user_id)):
+        owner = _owner(user_id)
+        if self._live is not None:
+            self._live.pop(owner, None)  # the next flush of theirs makes a new key
+        for key_id in await self.keys.destroy(owner):
             self._ciphers[key_id] = None
         return await self.inner.delete_user(user_id)
 
