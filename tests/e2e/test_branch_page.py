@@ -193,3 +193,35 @@ def test_an_edit_is_refused_while_a_reply_is_written_and_said(tmp_path: Path, br
         assert re.search(r"token2", page.locator(".msg.assistant").inner_text())
     finally:
         server.close()
+
+
+def test_an_edit_being_typed_survives_a_change_made_in_another_tab(server: Server, browser: Browser) -> None:
+    """Tab one has an editor open, half typed, when tab two regenerates the last reply: tab
+    one takes the new path (a re-render of its log), and the editor is still open on the
+    same question with what was typed; Save then sends it as the edit."""
+    problems: list[str] = []
+    context = browser.new_context()
+    one, two = context.new_page(), context.new_page()
+    for page in (one, two):
+        _watch(page, problems)
+    _sign_in(one, server.url)
+    _say(one, FIRST)
+    _say(one, SECOND)
+    two.goto(server.url + "/")
+    expect(two.locator("#log .msg")).to_have_count(4, timeout=TIMEOUT)
+
+    first = one.locator(".turn.user").first
+    first.locator(".edit-button").click()
+    editor = first.locator(".edit textarea")
+    editor.fill("half-typed ✍️ 中文 עברית")
+    two.locator(".regen").click()  # a new reply beside the last: one's path changes under it
+    expect(one.locator(".turn.assistant").last.locator(".alts .count")).to_have_text("2/2", timeout=TIMEOUT)
+    expect(one.locator(".msg.streaming")).to_have_count(0, timeout=TIMEOUT)
+    editor = one.locator(".turn.user").first.locator(".edit textarea")
+    expect(editor).to_have_value("half-typed ✍️ 中文 עברית")
+    expect(editor).to_be_focused()
+    one.locator(".turn.user").first.locator(".edit .save").click()
+    edited = "half-typed ✍️ 中文 עברית"
+    expect(one.locator("#log .msg")).to_have_text([edited, _reply_to(edited)], timeout=TIMEOUT)
+    assert problems == []
+    context.close()
