@@ -237,7 +237,13 @@ class WriteBehindStore:
             )
         if config.encryption_key is not None or config.encryption_key_file is not None:
             # Imported only then: `cryptography` is the optional `encryption` extra.
-            from .encryption import encrypted_backend
+            try:
+                from .encryption import encrypted_backend
+            except ImportError as exc:
+                raise ConfigError(
+                    "CHAT_SESSION_ENCRYPTION_KEY is set, but encryption needs the `cryptography` "
+                    f"package ({exc.name} is missing): pip install 'writebehind[encryption]'"
+                ) from exc
 
             backend = encrypted_backend(backend, config)
         elif config.db_url is None:

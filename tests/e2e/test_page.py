@@ -16,11 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
 from writebehind.server.responder import EchoResponder
 
-from .server import Server
+from .server import Server, client
 from .test_browser import ARGS, CHROMIUM, needs_chromium
 
 pytestmark = needs_chromium
@@ -204,6 +204,55 @@ def test_errors_are_shown_and_the_typed_text_is_kept(tmp_path: Path, browser: Br
         _say(page, "typed while the server is down")
         expect(page.locator("#notice")).to_contain_text("Cannot reach the server")
         expect(page.locator("#text")).to_have_value("typed while the server is down")
+    finally:
+        server.close()
+
+
+def test_a_refused_first_message_leaves_no_empty_chat(tmp_path: Path, browser: Browser) -> None:
+    server = _serve(tmp_path, delay_ms=0)
+    try:
+        page = browser.new_page()
+        _sign_in(page, server.url)
+        too_long = "長" * 3000  # over the server's 4096-byte body in UTF-8
+        _say(page, too_long)
+        expect(page.locator("#notice")).to_contain_text("over 4096 bytes")
+        expect(page.locator("#text")).to_have_value(too_long)
+        alice = client(server, "alice")
+        listed = alice.get("/api/sessions", params={"archived": "include"}).json()["sessions"]
+        assert listed == [], listed  # the chat made for it is gone with it
+        _say(page, "short 👍")
+        _last_reply_done(page, _reply_to("short 👍"))
+        listed = alice.get("/api/sessions").json()["sessions"]
+        assert [s["message_count"] for s in listed] == [2]
+    finally:
+        server.close()
+
+
+def test_new_chat_clicked_while_a_message_is_sent_stays_a_new_chat(tmp_path: Path, browser: Browser) -> None:
+    """The message goes to the chat it was sent in; the page stays on the new, empty chat
+    the user asked for, and the next message starts that one."""
+    server = _serve(tmp_path, delay_ms=0)
+    try:
+        page = browser.new_page()
+        _sign_in(page, server.url)
+        held: list[Route] = []
+        page.route("**/api/sessions/*/messages", lambda route: held.append(route))  # held by the test
+        _say(page, "first chat 🚀")
+        while not held:
+            page.wait_for_timeout(20)
+        page.click("#new")
+        held[0].continue_()
+        page.unroute("**/api/sessions/*/messages")
+        expect(page.locator("#sessions li")).to_have_count(1, timeout=TIMEOUT)  # the first chat, listed
+        page.wait_for_timeout(300)  # what a late answer would have shown
+        expect(page.locator("#log .msg")).to_have_count(0)
+        _say(page, "second chat 🌱")
+        _last_reply_done(page, _reply_to("second chat 🌱"))
+        expect(page.locator("#log .msg")).to_have_text(["second chat 🌱", _reply_to("second chat 🌱")])
+        alice = client(server, "alice")
+        chats = alice.get("/api/sessions").json()["sessions"]
+        assert sorted(s["title"] for s in chats) == ["first chat 🚀", "second chat 🌱"]
+        assert [s["message_count"] for s in chats] == [2, 2]
     finally:
         server.close()
 

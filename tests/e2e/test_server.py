@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .server import Server, client, events
+from .server import Server, client, events, utf16_len
 
 
 @pytest.fixture
@@ -66,6 +66,35 @@ def test_sigterm_mid_reply_then_restart_and_resume_from_last_event_id(db_path: P
         assert record["messages"][1]["done"] is True  # marked: interrupted by the shutdown
     finally:
         second.close()
+
+
+def test_a_stream_open_at_sigterm_ends_with_the_reply_marked_interrupted(db_path: Path) -> None:
+    """Ctrl-C or SIGTERM mid-reply: the open stream's last event is the reply's end, `done`
+    and `interrupted`, with everything said up to it (what the page shows), and then the
+    stream ends; it is not cut with the reply still "streaming"."""
+    server = Server(db_path, delay_ms=40)
+    try:
+        alice = client(server, "alice")
+        sid = alice.post("/api/sessions", json={"title": "cut 🎬"}).json()["id"]
+        alice.post(f"/api/sessions/{sid}/messages", json={"content": "a long story, 長い話"})
+        said = ""
+        last: dict[str, object] = {}
+        for event in events(alice, sid):
+            if event["role"] != "assistant":
+                continue
+            assert event["offset"] == utf16_len(said)
+            said += str(event["text"])
+            last = event
+            if len(said) > 20 and server.proc.poll() is None:
+                server.proc.send_signal(signal.SIGTERM)
+        assert last["done"] is True and last["interrupted"] is True, last
+        server.proc.wait(timeout=30)
+    finally:
+        server.close()
+    with sqlite3.connect(db_path) as conn:
+        query = "SELECT content FROM messages WHERE session_id = ? AND seq = 2"
+        (stored,) = conn.execute(query, (sid,)).fetchone()
+    assert stored == said
 
 
 def test_anonymous_session_is_gone_after_a_restart(db_path: Path) -> None:

@@ -96,6 +96,29 @@ def test_a_busy_port_fails_with_one_line_and_no_banner(tmp_path: Path) -> None:
     assert len(lines) == 1 and str(port) in lines[0] and "in use" in lines[0], lines
 
 
+@pytest.mark.parametrize("port", ["abc", "70000", "-1", "\uff18\uff10", ""])  # fullwidth "80" too
+def test_a_bad_port_in_the_environment_is_an_error_naming_it(tmp_path: Path, port: str) -> None:
+    done = _run(
+        [sys.executable, "-m", "writebehind.server"],
+        env={**server_env(tmp_path / "chat.db"), "CHAT_SERVER_PORT": port},
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "CHAT_SERVER_PORT" in done.stderr.splitlines()[-1] and repr(port) in done.stderr
+
+
+def test_encryption_without_its_extra_is_an_error_naming_the_extra(tmp_path: Path) -> None:
+    """The key set, `cryptography` missing (hidden from the child): one line at start that
+    says what to install, not an ImportError's traceback."""
+    blocker = tmp_path / "site"
+    blocker.mkdir()
+    (blocker / "cryptography.py").write_text("raise ImportError('hidden by the test', name='cryptography')\n")
+    env = {**server_env(tmp_path / "chat.db"), "CHAT_SESSION_ENCRYPTION_KEY": "A" * 43 + "=",
+           "PYTHONPATH": str(blocker)}  # fmt: skip
+    done = _run([sys.executable, "-m", "writebehind.server", "--port", "0"], env=env)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert "writebehind[encryption]" in (done.stdout + done.stderr)
+
+
 def test_quiet_logs_at_most_one_line_a_request_and_a_clean_stop(tmp_path: Path) -> None:
     server = Server(tmp_path / "chat.db", delay_ms=0)
     try:

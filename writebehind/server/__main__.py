@@ -85,10 +85,21 @@ class _Server(uvicorn.Server):
             print("\n".join(self.banner), flush=True)
 
 
+def _port(value: str) -> int:
+    # ASCII digits only: int() reads fullwidth digits too ("\\uff18\\uff10" as 80).
+    port = int(value) if value.isascii() and value.isdigit() else -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a port number, 0-65535 (--port or CHAT_SERVER_PORT)"
+        )
+    return port
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m writebehind.server")
     parser.add_argument("--host", default=os.environ.get("CHAT_SERVER_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("CHAT_SERVER_PORT", "8000")))
+    # A string default goes through `type` too: a bad CHAT_SERVER_PORT is one line, as a bad --port.
+    parser.add_argument("--port", type=_port, default=os.environ.get("CHAT_SERVER_PORT", "8000"))
     parser.add_argument(
         "--workers", type=int, default=1, help="several need PostgreSQL (CHAT_SESSION_DB_URL)"
     )

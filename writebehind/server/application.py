@@ -114,6 +114,10 @@ def create_app(
 
         async def close_streams() -> None:
             await stopping.wait()
+            # The replies first: each stores what was said, marked interrupted, and wakes
+            # its streams; then each stream sends what it has not sent (those marks
+            # included) and ends, within sse-starlette's grace period.
+            await replies.aclose()
             broker.close()
 
         closer = asyncio.create_task(close_streams(), name="writebehind-close-streams")

@@ -277,7 +277,10 @@ async def _events(
     # first `chars` code points (`units` UTF-16 units); `parent` is the one before it.
     have, parent, chars, units, whole = start.seq, start.parent, start.chars, start.units, start.whole
     rewound, branch, refound = start.rewound, start.branch, False
-    while not broker.closed:
+    while True:
+        # Once the server stops, one last pass sends what the client has not had yet (a
+        # reply's interrupted mark, stored as the server began to stop), then the stream ends.
+        last = broker.closed
         changed = broker.waiter(session_id)  # before reading: a change after the read wakes us
         try:
             # The path from `have` on (seqs grow along a path, so what follows `parent`).
@@ -323,6 +326,8 @@ async def _events(
             if not progress.done:
                 break  # the next message waits until this one is whole
             before = m.seq
+        if last:
+            return
         await changed.wait()
 
 
