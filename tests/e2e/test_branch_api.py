@@ -310,6 +310,33 @@ def test_the_path_does_not_change_while_a_reply_is_written(db: Path) -> None:
         server.close()
 
 
+def test_a_question_cannot_follow_a_question(db: Path) -> None:
+    """An edit is posted with the parent of the message it replaces: the start or a reply.
+    A `parent_seq` naming a question (on the path or off it) is a 409 naming the field,
+    and changes nothing."""
+    server = Server(db, delay_ms=0)
+    try:
+        alice = client(server, "alice")
+        sid = alice.post("/api/sessions", json={}).json()["id"]
+        _say(alice, sid, Q1)
+        _wait_done(alice, sid)
+        _say(alice, sid, EDIT, parent_seq=0)  # seq 3, 4: question 1 is now off the path
+        _wait_done(alice, sid)
+        for parent in (3, 1):
+            refused = alice.post(
+                f"/api/sessions/{sid}/messages", json={"content": "两个问题?", "parent_seq": parent}
+            )
+            assert refused.status_code == 409, refused.text
+            assert "parent_seq" in refused.json()["error"]["message"]
+        assert len(alice.get(f"/api/sessions/{sid}").json()["messages"]) == 2
+        page = alice.get(f"/api/sessions/{sid}/messages").json()["messages"]
+        assert [m["seq"] for m in page] == [3, 4]
+        turn = _say(alice, sid, "after the reply ✓", parent_seq=4)  # a reply: fine
+        assert turn["user_message"]["parent_seq"] == 4
+    finally:
+        server.close()
+
+
 def test_concurrent_regenerates_and_switches_make_one_alternative_each_time(db: Path) -> None:
     """Eight clients press Regenerate at once: one new reply, the others told 409 (it is
     being written); then a switch races an edit. The tree stays well formed whatever the

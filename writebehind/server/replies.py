@@ -176,6 +176,8 @@ class Replies:
             async with self._hold(session_id):  # the question and its placeholder stay together
                 if parent_seq is not None:
                     await self._idle(session_id, who)
+                    if parent_seq:
+                        await self._after_a_reply(session_id, parent_seq, who)
                 # No await since the check: nobody starts a reply meanwhile. Before the
                 # placeholder exists: no reader may take it for a cut one.
                 self._begin(session_id, reply_id)
@@ -194,6 +196,24 @@ class Replies:
             with contextlib.suppress(NotFound):
                 await self._store.update_session(session_id, title=title, **who.who)
         return said, reply, tree
+
+    async def _after_a_reply(self, session_id: str, parent_seq: int, who: Caller) -> None:
+        """409 unless message `parent_seq` is a reply (or missing: the store says so): a
+        question follows the start or a reply, never another question. Read from the
+        active path (where an edited message's parent is), else from the whole session."""
+        first = await self._store.get_messages(session_id, after_seq=parent_seq - 1, limit=1, **who.who)
+        if first and first[0].seq == parent_seq:
+            role: str | None = first[0].role
+        else:  # on another branch: rare, an API client's
+            record = await self._store.get_session(session_id, **who.who)
+            role = next((m.role for m in record.messages if m.seq == parent_seq), None)
+        if role == "user":
+            raise ApiError(
+                409,
+                "conflict",
+                f"parent_seq: message {parent_seq} of session {session_id!r} is a question; "
+                "a message follows the start (0) or a reply",
+            )
 
     async def _placeholder(
         self, session_id: str, reply_id: str, parent_seq: int, who: Caller
