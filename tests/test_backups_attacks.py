@@ -562,3 +562,43 @@ async def test_a_failed_backup_is_tried_again_within_minutes_backing_off_up_to_t
         assert schedule.fill(store.stats()).consecutive_backup_failures == 0
     finally:
         await schedule.aclose()
+
+
+async def test_an_erasure_before_the_copy_took_its_snapshot_stops_it_too(
+    make_store: StoreFactory, db_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window before the copy's snapshot (making the directory, sweeping old temporary
+    files, opening the file): an erasure then must stop it as well, or a snapshot taken
+    just before the erasure's DELETE commits would finish as a backup with the erased rows."""
+    store = await make_store()
+    for user in (1, 2):
+        await store.ensure_session(f"s{user}", user_id=user, title="删除 🗑️")
+        await store.append_message(f"s{user}", user_id=user, role="user", content="ERASE-ME 秘密")
+    await store.flush()
+    reached, go_on = threading.Event(), threading.Event()
+    original = backups_module._remove_stale_temps
+
+    def slow_sweep(*args: object) -> None:
+        reached.set()
+        go_on.wait(30)
+        original(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(backups_module, "_remove_stale_temps", slow_sweep)
+    directory = tmp_path / "b"
+    schedule = BackupScheduler(db_path, directory, clock=Clock())
+    schedule.start()
+    try:
+        assert await asyncio.to_thread(reached.wait, 30)
+        assert schedule.interrupt() is True  # what the store's erasure does first
+        assert await store.delete_user(1) == 1
+        go_on.set()
+        async with asyncio.timeout(30):
+            while schedule.next_run_at == T0:
+                await asyncio.sleep(0.01)
+        assert schedule.next_run_at == T0 + timedelta(seconds=60)  # stopped, made again soon
+        assert list(directory.iterdir()) == []
+        stats = schedule.fill(store.stats())
+        assert (stats.backups_made, stats.backup_failures) == (0, 0)
+    finally:
+        go_on.set()
+        await schedule.aclose()

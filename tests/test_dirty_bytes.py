@@ -12,6 +12,7 @@ several tests here pin it down with text whose UTF-8 size differs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from pathlib import Path
@@ -392,3 +393,40 @@ async def test_a_claimed_session_counts_its_whole_history_and_is_refused_at_the_
     assert store.stats().dirty_bytes == 0
     assert on_disk(db_path, anon.id) == [TOKEN * 2, "好"]
     assert on_disk(db_path, other.id) == []
+
+
+async def test_a_session_the_disk_refuses_for_good_holds_back_only_itself(
+    db_path: Path, make_store: StoreFactory
+) -> None:
+    """A session refused `POISON_AFTER` times (a trigger refuses its text here) is kept in
+    memory and no longer tried: its text must not count against everyone's writes (or one
+    bad record would refuse every persisted write, for every user, until a restart). Its
+    own writes are bounded by the text of such sessions; deleting it releases it."""
+    store = await make_store(max_dirty_bytes=100, backpressure_timeout_ms=50)
+    await store.ensure_session("bad", user_id=1)
+    await store.flush()
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(
+            "CREATE TRIGGER poison BEFORE INSERT ON messages WHEN NEW.content LIKE '%POISON%' "
+            "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+        )
+    bad = await store.append_message("bad", user_id=1, role="user", content="POISON 词🙂 " * 12)  # 120
+    for _ in range(4):
+        with contextlib.suppress(StorageError):
+            await store.flush()
+    stats = store.stats()
+    assert stats.poisoned_sessions == 1 and stats.dirty_bytes == 120
+    # Everyone else writes on, and reaches the disk.
+    for i in range(3):
+        await store.ensure_session(f"good{i}", user_id=2, title="好")
+        await store.append_message(f"good{i}", user_id=2, role="user", content="fine ✓")
+    await store.flush()
+    assert on_disk(db_path, "good2") == ["fine ✓"]
+    # The refused session itself: over the bound, refused, nothing applied.
+    with pytest.raises(BackPressureError, match="refuses"):
+        await store.update_message("bad", bad.id, user_id=1, append=" more")
+    assert (await store.get_messages("bad", user_id=1))[0].content == "POISON 词🙂 " * 12
+    await store.delete_session("bad", user_id=1)
+    assert store.stats().dirty_bytes == 0
+    await store.ensure_session("good3", user_id=2)
+    await store.append_message("good3", user_id=2, role="user", content="x" * 150)

@@ -104,8 +104,10 @@ _FUTURE_SKEW: Final = timedelta(minutes=1)
 # Pages a copy step reads (4 MB at SQLite's default page size; ~10 ms here): how long a
 # copy takes at most to stop when told to.
 _STEP_PAGES: Final = 1024
-# A copy stopped for an erasure's checkpoint (`interrupt()`) is made again this much later.
+# A copy stopped for an erasure's checkpoint (`interrupt()`) is made again this much later;
+# after this many stopped in a row, the next is let finish.
 _RETRY_INTERRUPTED_S: Final = 60.0
+_MAX_INTERRUPTS: Final = 3
 # A failed backup is tried again this much later, doubled at each failure in a row, up to
 # the interval: a disk full for a minute must not cost the 6 hours to the next backup,
 # and a disk that stays broken is not hammered.
@@ -204,6 +206,7 @@ class BackupScheduler:
         self._made = 0
         self._failures = 0
         self._consecutive = 0
+        self._interrupted_in_a_row = 0
         self._last_at: datetime | None = None
         self._last_error: str | None = None
         self._kept: int | None = None
@@ -376,7 +379,13 @@ class BackupScheduler:
         job = self._job
         if job is None or job.future is None or job.future.done():
             return False
-        return job.interrupt()
+        if self._interrupted_in_a_row >= _MAX_INTERRUPTS:
+            # Erasures so frequent that no copy would ever end: this one is let finish (the
+            # erasure waits for its snapshot, as it would for any reader).
+            return False
+        stopped = job.interrupt()
+        self._interrupted_in_a_row += stopped
+        return stopped
 
     def _record(self, outcome: _Outcome, started: datetime) -> Backup:
         if outcome.kept is not None:
@@ -412,6 +421,7 @@ class BackupScheduler:
             )
             raise StorageError(f"backup of {self.db_path} failed: {self._last_error}") from error
         self._made += 1
+        self._interrupted_in_a_row = 0
         self._consecutive = 0
         self._last_error = None
         self._last_at = started
@@ -520,7 +530,10 @@ class _Job:
         self._stop = threading.Event()
         self._guard = threading.Lock()
         self._target: sqlite3.Connection | None = None
-        self._copying = False
+        # Until the copy has let go of its snapshot, `interrupt()` stops it: before it took
+        # one as well (a copy whose snapshot was taken just before an erasure's DELETE must
+        # not finish with the erased rows), not only while it reads.
+        self._released = False
         # Stopped by `interrupt()` (an erasure), not by shutdown: not a failure, made again soon.
         self.interrupted = False
         self.future: asyncio.Future[_Outcome] | None = None
@@ -589,10 +602,11 @@ class _Job:
         return Backup(self._final, self._taken_at, self._final.stat().st_size)
 
     def interrupt(self) -> bool:
-        """From the loop: stop the copy if it still reads the source (its snapshot is what a
-        checkpoint waits for); returns whether it did."""
+        """From the loop: stop the copy unless it is done reading the source (its snapshot is
+        what a checkpoint waits for, and may hold rows about to be erased); returns whether
+        it did."""
         with self._guard:
-            if not self._copying:
+            if self._released:
                 return False
             self.interrupted = True
         self._stop.set()
@@ -620,13 +634,13 @@ class _Job:
                 # let the copy stop between two of them (shutdown; an erasure: `interrupt()`).
                 source.execute("BEGIN")
                 source.execute("SELECT count(*) FROM sqlite_master").fetchone()
-                with self._guard:
-                    self._copying = True
                 try:
+                    # Told to stop before or while it took its snapshot: stop before a page.
+                    self._progress(0, 0, 0)
                     source.backup(target, pages=_STEP_PAGES, progress=self._progress)
                 finally:
                     with self._guard:
-                        self._copying = False
+                        self._released = True
                     source.close()  # the snapshot goes now: the integrity check needs none
                 with self._guard:
                     self._target = target

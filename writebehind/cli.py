@@ -141,7 +141,8 @@ def _app_running(db: Path) -> tuple[bool | None, int | None]:
     emptied at release): (running, pid). None when the holder is on another host. Never
     takes the lock: an app starting at that moment would be refused."""
     try:
-        line = lock_path_for(db).read_text(encoding="utf-8", errors="replace").split()
+        # Beside the file itself, whatever link names it (as `FileLock` puts it).
+        line = lock_path_for(db.resolve()).read_text(encoding="utf-8", errors="replace").split()
     except OSError:
         return False, None
     if len(line) < 2 or not line[0].isdigit():

@@ -88,6 +88,10 @@ class DirtyIndex:
         # Read by the store's per-token fast path (an attribute, not a call); changed only
         # here. Never negative: every marks' share is added once and released once.
         self.bytes = 0
+        # The share of poisoned sessions (refused `POISON_AFTER` times, no longer tried): out
+        # of `bytes`, or one such session would hold every other write back for good; the
+        # store bounds writes to poisoned sessions by this figure alone.
+        self.poisoned_bytes = 0
 
     def __len__(self) -> int:
         return len(self._dirty)
@@ -123,7 +127,10 @@ class DirtyIndex:
             marks = self._marks(session_id)
         marks.row = True
         marks.bytes += size
-        self.bytes += size
+        if self._refusals and self._refusals.get(session_id, 0) >= POISON_AFTER:
+            self.poisoned_bytes += size  # bounded on its own (see `poisoned_bytes`)
+        else:
+            self.bytes += size
         if seq is not None:
             marks.seqs.add(seq)
         if full:
@@ -148,13 +155,17 @@ class DirtyIndex:
     def discard(self, session_id: str) -> None:
         """Forget the session's marks (it was deleted)."""
         marks = self._dirty.pop(session_id, None)
+        poisoned = self.is_poisoned(session_id)
         self._refusals.pop(session_id, None)
         self._touches.pop(session_id, None)
         if session_id not in self._inflight:
             self._hot.unpin(session_id)
         if marks is not None:
             # A batch in flight keeps its own share until it commits or comes back.
-            self.bytes -= marks.bytes
+            if poisoned:
+                self.poisoned_bytes -= marks.bytes
+            else:
+                self.bytes -= marks.bytes
             self._shrunk()
 
     def touch(self, entry: Entry) -> None:
@@ -306,7 +317,16 @@ class DirtyIndex:
         """Count a refusal of this session's data; returns how many in a row."""
         count = self._refusals.get(session_id, 0) + 1
         self._refusals[session_id] = count
+        if count == POISON_AFTER:
+            marks = self._dirty.get(session_id)
+            if marks is not None:  # from now on its share is the poisoned sessions'
+                self.bytes -= marks.bytes
+                self.poisoned_bytes += marks.bytes
+                self._shrunk()
         return count
+
+    def is_poisoned(self, session_id: str) -> bool:
+        return self._refusals.get(session_id, 0) >= POISON_AFTER
 
     def poisoned(self) -> set[str]:
         """Sessions refused `POISON_AFTER` times in a row: kept in memory, no longer tried."""

@@ -769,10 +769,10 @@ class EncryptedBackend:
             if live is None:
                 stored = await self.keys.active(owners, self._kek_mac, self._make_key)
             else:
+                if len(live) > _LIVE_KEYS:
+                    live.clear()  # a bound on memory: met again, each costs one lookup
                 unknown = owners.difference(live)
                 if unknown:
-                    if len(live) > _LIVE_KEYS:
-                        live.clear()  # a bound on memory: met again, each costs one lookup
                     live.update(await self.keys.active(unknown, self._kek_mac, self._make_key))
                 stored = {owner: live[owner] for owner in owners}
             keys: dict[str, tuple[bytes, _Encrypt]] = {}

@@ -650,8 +650,10 @@ class WriteBehindStore:
         it creates a temporary one, which is never dirty)."""
         await self._ready(session_id, user_id, creating=creating)
         dirty = self._dirty
-        if dirty.bytes < self._max_dirty_bytes and (
-            dirty.backlog() < self._max_dirty or dirty.holds(session_id)
+        if (
+            dirty.bytes < self._max_dirty_bytes
+            and (dirty.backlog() < self._max_dirty or dirty.holds(session_id))
+            and (dirty.poisoned_bytes < self._max_dirty_bytes or not dirty.is_poisoned(session_id))
         ):
             return
         session = self._tier.peek(session_id)
@@ -672,7 +674,12 @@ class WriteBehindStore:
         deadline = loop.time() + timeout
         while True:
             # Checked again after every wake: the session may have left the backlog meanwhile.
-            over_bytes = dirty.bytes >= self._max_dirty_bytes
+            # A session the disk refuses for good is bounded by the text of such sessions.
+            over_bytes = dirty.bytes >= self._max_dirty_bytes or (
+                session_id is not None
+                and dirty.is_poisoned(session_id)
+                and dirty.poisoned_bytes >= self._max_dirty_bytes
+            )
             over_sessions = dirty.backlog() >= self._max_dirty and (
                 session_id is None or not dirty.holds(session_id)
             )
@@ -685,8 +692,13 @@ class WriteBehindStore:
                 over = []
                 if over_sessions:
                     over.append(f"{dirty.backlog()} sessions (max_dirty={self.config.max_dirty})")
-                if over_bytes:
+                if over_bytes and dirty.bytes >= self._max_dirty_bytes:
                     over.append(f"{dirty.bytes} characters of text (max_dirty_bytes={self._max_dirty_bytes})")
+                elif over_bytes:
+                    over.append(
+                        f"{dirty.poisoned_bytes} characters of text of sessions the disk refuses, this "
+                        f"one among them (max_dirty_bytes={self._max_dirty_bytes})"
+                    )
                 raise BackPressureError(
                     f"{' and '.join(over)} are waiting for the disk; the write was not applied, retry later"
                 )
@@ -705,6 +717,7 @@ class WriteBehindStore:
             and session_id in self._tier
             and self._dirty.backlog() < self._max_dirty
             and self._dirty.bytes < self._max_dirty_bytes
+            and self._dirty.poisoned_bytes < self._max_dirty_bytes
         )
 
     def _persists(self, session: Entry) -> bool:
@@ -1472,7 +1485,7 @@ class WriteBehindStore:
             loads=self._loads,
             dirty_sessions=self._dirty.pending(),
             dirty_messages=self._dirty.dirty_messages(),
-            dirty_bytes=self._dirty.bytes,
+            dirty_bytes=self._dirty.bytes + self._dirty.poisoned_bytes,
             queue_depth=worker.queue_depth,
             durable_waiters=worker.durable_waiters,
             batches_flushed=worker.batches_flushed,

@@ -461,7 +461,10 @@ class SQLiteBackend:
             result: T = await writer._execute(transaction)  # type: ignore[no-untyped-call]
         except sqlite3.Error as exc:
             raise _storage_error(self.path, what, exc) from exc
-        except ValueError as exc:  # aiosqlite: the connection is closed
+        except ValueError as exc:
+            if writer._running and writer._connection is not None:
+                raise  # the job's own (its data): isolated by the worker like a bad record
+            # aiosqlite's "Connection closed"
             raise StorageError(f"{self.path}: {what} failed: {exc}") from exc
         return result
 

@@ -117,7 +117,9 @@ def create_app(
             # The replies first: each stores what was said, marked interrupted, and wakes
             # its streams; then each stream sends what it has not sent (those marks
             # included) and ends, within sse-starlette's grace period.
-            await replies.aclose()
+            # Shielded: the lifespan's end cancels this task, and must not cut a reply a
+            # second time while it stores its interrupted mark.
+            await asyncio.shield(replies.aclose())
             broker.close()
 
         closer = asyncio.create_task(close_streams(), name="writebehind-close-streams")

@@ -302,28 +302,32 @@ class Replies:
         for message_id, task in running.items():
             self._stopping.add((session_id, message_id))
             task.cancel()
-        await asyncio.wait(running.values())
-        stopped = []
-        # The running replies end the active path (they were appended at its end, and it
-        # cannot change while they run): its tail from the first of them has them all.
-        tail = await self._store.get_messages(session_id, after_seq=first - 1, **who.who)
-        found = [m for m in tail if m.id in running]
-        if len(found) < len(running):
-            # Not there (the app changed the path some other way): wherever a reply is, it
-            # gets its mark.
-            record = await self._store.get_session(session_id, **who.who)
-            found = [m for m in record.messages if m.id in running]
-        for m in found:
-            meta = m.metadata or {}
-            if not meta.get("done", True):  # stopped before its task began: nothing was said
-                m = await self._store.update_message(
-                    session_id, m.id, metadata={**meta, "done": True, "stopped": True}, **who.who
-                )
-            stopped.append(m)
-        for message_id in running:
-            self._end(session_id, message_id)
-            self._stopping.discard((session_id, message_id))
-        self._notify(session_id)
+        try:
+            await asyncio.wait(running.values())
+            stopped = []
+            # The running replies end the active path (they were appended at its end, and it
+            # cannot change while they run): its tail from the first of them has them all.
+            tail = await self._store.get_messages(session_id, after_seq=first - 1, **who.who)
+            found = [m for m in tail if m.id in running]
+            if len(found) < len(running):
+                # Not there (the app changed the path some other way): wherever a reply is,
+                # it gets its mark.
+                record = await self._store.get_session(session_id, **who.who)
+                found = [m for m in record.messages if m.id in running]
+            for m in found:
+                meta = m.metadata or {}
+                if not meta.get("done", True):  # stopped before its task began: nothing was said
+                    m = await self._store.update_message(
+                        session_id, m.id, metadata={**meta, "done": True, "stopped": True}, **who.who
+                    )
+                stopped.append(m)
+        finally:
+            # Whatever happened to this call (its request cancelled, back-pressure, an
+            # erasure), no task writes these replies any more: the session is not "busy".
+            for message_id in running:
+                self._end(session_id, message_id)
+                self._stopping.discard((session_id, message_id))
+            self._notify(session_id)
         return stopped
 
     def signalled(self, session_id: str, name: str) -> None:
