@@ -193,7 +193,9 @@ def test_export_and_erase_me(server: Server, db_path: Path) -> None:
         and exported.json()["sessions"][0]["messages"][0]["content"] == "export me"
     )
     assert client(server).get("/api/me/export").status_code == 401
-    assert alice.delete("/api/me").json() == {"deleted_sessions": 1}
+    # A preference set: stored as a session of its own, erased too, not one of the chats.
+    assert alice.patch("/api/me/preferences", json={"keep_history": False}).status_code == 200
+    assert alice.delete("/api/me").json() == {"deleted_sessions": 2, "deleted_chats": 1}
     assert alice.get(f"/api/sessions/{sid}").status_code == 404
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("SELECT count(*) FROM sessions").fetchone() == (0,)

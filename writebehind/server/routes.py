@@ -638,6 +638,10 @@ async def patch_preferences(body: PreferencesPatch, request: Request, who: Who) 
 async def erase_me(request: Request, who: Who) -> dict[str, int]:
     if who.user_id is None:
         raise ApiError(401, "unauthorized", "sign in to erase your data", {"WWW-Authenticate": "Bearer"})
-    deleted = await _store(request).delete_user(who.user_id)
+    store = _store(request)
+    # What the user knows as their chats (the listing's: not their preferences, nor agent
+    # threads), for the page to say; `deleted_sessions` counts everything erased.
+    chats = sum(s.status not in FRAMEWORK_STATUSES for s in await store.list_sessions(who.user_id))
+    deleted = await store.delete_user(who.user_id)
     _broker(request).notify_user(who.user_id)  # their open streams find it gone and say so
-    return {"deleted_sessions": deleted}
+    return {"deleted_sessions": deleted, "deleted_chats": min(chats, deleted)}
