@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from writebehind import StorageError
+from writebehind import Config, SessionStore, StorageError, WriteBehindStore
 from writebehind.backends.postgres import PostgresBackend
 
 DSN = os.environ.get("WRITEBEHIND_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
@@ -39,3 +39,17 @@ async def postgres_schema(schema: str | None = None) -> AsyncIterator[PostgresBa
     finally:
         await backend.drop_schema()
         await backend.close()
+
+
+@asynccontextmanager
+async def store_on(schema: str) -> AsyncIterator[WriteBehindStore]:
+    """A started write-behind store on `schema`, one instance among others that share it. No
+    interval flush: what reaches the database gets there by a handoff, a durable write, an
+    explicit flush or the shutdown."""
+    config = Config(db_url=DSN, db_schema=schema, flush_interval_ms=3_600_000)
+    store = WriteBehindStore(SessionStore(), PostgresBackend(DSN, schema=schema, pool_size=4), config=config)
+    await store.start()
+    try:
+        yield store
+    finally:
+        await store.aclose()

@@ -6,14 +6,11 @@ the way `get_messages` reads it there."""
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 
 from writebehind import (
-    Config,
     NotFound,
     SessionRecord,
     SessionStore,
@@ -21,12 +18,11 @@ from writebehind import (
     ValidationError,
     WriteBehindStore,
 )
-from writebehind.backends.postgres import PostgresBackend
 from writebehind.branches import Branches, siblings
 from writebehind.store import Entry
 
 from .conftest import Opener
-from .pg import DSN, new_schema, postgres_schema
+from .pg import new_schema, postgres_schema, store_on
 
 TEXTS = ["héllo 👋🏽", "你好 世界", "שלום עולם", "e\u0301\u0301 combining", "plain"]
 
@@ -131,22 +127,11 @@ async def test_the_write_behind_store_answers_without_copying_the_session(
     assert await store.get_tree("hot", user_id="alice") == expected
 
 
-@asynccontextmanager
-async def _instance(schema: str) -> AsyncIterator[WriteBehindStore]:
-    config = Config(db_url=DSN, db_schema=schema, flush_interval_ms=3_600_000)
-    store = WriteBehindStore(SessionStore(), PostgresBackend(DSN, schema=schema, pool_size=4), config=config)
-    await store.start()
-    try:
-        yield store
-    finally:
-        await store.aclose()
-
-
 async def test_a_session_another_instance_keeps_is_read_where_it_is() -> None:
     """A reply is being written on A (`hold`): B reads the tree from the database, with every
     write A acknowledged, and leaves the session with A; another user still finds nothing."""
     schema = new_schema()
-    async with postgres_schema(schema), _instance(schema) as a, _instance(schema) as b:
+    async with postgres_schema(schema), store_on(schema) as a, store_on(schema) as b:
         await _branched(a, "kept", "alice")
         async with a.hold("kept"):
             reply = await a.append_message(

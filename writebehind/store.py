@@ -95,6 +95,19 @@ class SessionTree:
         """The message that message `seq` follows (0: it is at the start)."""
         return parent_of(self.branches, seq)
 
+    @classmethod
+    def of(cls, session: Entry | SessionRecord) -> SessionTree:
+        """The tree of a hot-tier entry or of a record (no message copied)."""
+        return cls(
+            session.id,
+            session.status,
+            session.title,
+            session.created_at,
+            session.updated_at,
+            len(session.messages),
+            session.branches,
+        )
+
 
 class Entry:
     """The mutable entry the hot tier owns for one session. Callers only ever see
@@ -512,16 +525,7 @@ class SessionStore:
     ) -> SessionTree:
         """The session without its messages, and where they branch: O(1), whatever its
         length. Raises `NotFound` as `get_messages` does (another user's session too)."""
-        session = self.owned(session_id, user_id, binding_token)
-        return SessionTree(
-            session.id,
-            session.status,
-            session.title,
-            session.created_at,
-            session.updated_at,
-            len(session.messages),
-            session.branches,
-        )
+        return SessionTree.of(self.owned(session_id, user_id, binding_token))
 
     async def append_message(
         self,

@@ -884,27 +884,10 @@ class WriteBehindStore:
         if not self._hot_now(session_id):
             elsewhere = await self._ready(session_id, user_id, reading=True)
             if elsewhere is not None:
-                record = self._read_elsewhere(session_id, user_id, elsewhere)
-                return SessionTree(
-                    record.id,
-                    record.status,
-                    record.title,
-                    record.created_at,
-                    record.updated_at,
-                    len(record.messages),
-                    record.branches,
-                )
+                return SessionTree.of(self._read_elsewhere(session_id, user_id, elsewhere))
         session = self._hot.owned(session_id, user_id, binding_token)
         self._dirty.touch(session)
-        return SessionTree(
-            session.id,
-            session.status,
-            session.title,
-            session.created_at,
-            session.updated_at,
-            len(session.messages),
-            session.branches,
-        )
+        return SessionTree.of(session)
 
     async def append_message(
         self,

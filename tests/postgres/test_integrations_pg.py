@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypedDict
 
 import pytest
@@ -22,14 +21,12 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 
-from writebehind import Config, SessionStore, WriteBehindStore
-from writebehind.backends.postgres import PostgresBackend
 from writebehind.integrations.adk import WriteBehindSessionService
 from writebehind.integrations.langchain import WriteBehindChatMessageHistory
 from writebehind.integrations.langgraph import WriteBehindSaver
 from writebehind.integrations.openai_agents import WriteBehindSession
 
-from ..pg import DSN, new_schema, postgres_schema
+from ..pg import new_schema, postgres_schema, store_on
 
 WORLD = ["héllo 👋🏽", "世界", "שלום", "مرحبا", "e\u0301", "𝄞"]
 
@@ -39,18 +36,6 @@ async def schema() -> AsyncIterator[str]:
     name = new_schema()
     async with postgres_schema(name):  # created (migrated) here, dropped afterwards
         yield name
-
-
-@asynccontextmanager
-async def store_on(schema: str) -> AsyncIterator[WriteBehindStore]:
-    # No interval flush: what reaches the database gets there by a handoff or at shutdown.
-    config = Config(db_url=DSN, db_schema=schema, flush_interval_ms=3_600_000)
-    store = WriteBehindStore(SessionStore(), PostgresBackend(DSN, schema=schema, pool_size=4), config=config)
-    await store.start()
-    try:
-        yield store
-    finally:
-        await store.aclose()
 
 
 def item(n: int) -> dict[str, Any]:

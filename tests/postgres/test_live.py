@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import pytest
 
 from writebehind import Config, NotFound, SessionStore, WriteBehindStore
 from writebehind.backends.postgres import PostgresBackend
 
-from ..pg import DSN, new_schema, postgres_schema
+from ..pg import DSN, new_schema, postgres_schema, store_on
 
 USER = "alice"
 TOKENS = ["You said", ": ", "👋🏽", " 你好", " שלום", " e\u0301", " end"]
@@ -25,17 +24,6 @@ async def schema() -> AsyncIterator[str]:
     name = new_schema()
     async with postgres_schema(name):
         yield name
-
-
-@asynccontextmanager
-async def store_on(schema: str) -> AsyncIterator[WriteBehindStore]:
-    config = Config(db_url=DSN, db_schema=schema, flush_interval_ms=3_600_000)
-    store = WriteBehindStore(SessionStore(), PostgresBackend(DSN, schema=schema, pool_size=4), config=config)
-    await store.start()
-    try:
-        yield store
-    finally:
-        await store.aclose()
 
 
 class Follower:

@@ -5,16 +5,14 @@ filter."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import asyncpg
 import pytest
 
-from writebehind import Config, SessionStore, WriteBehindStore
-from writebehind.backends.postgres import PostgresBackend
+from writebehind import WriteBehindStore
 from writebehind.search import SearchPage
 
-from ..pg import DSN, new_schema, postgres_schema
+from ..pg import DSN, new_schema, postgres_schema, store_on
 
 
 @pytest.fixture
@@ -22,17 +20,6 @@ async def schema() -> AsyncIterator[str]:
     name = new_schema()
     async with postgres_schema(name):  # created (migrated) here, dropped afterwards
         yield name
-
-
-@asynccontextmanager
-async def store_on(schema: str) -> AsyncIterator[WriteBehindStore]:
-    config = Config(db_url=DSN, db_schema=schema, flush_interval_ms=3_600_000)
-    store = WriteBehindStore(SessionStore(), PostgresBackend(DSN, schema=schema, pool_size=4), config=config)
-    await store.start()
-    try:
-        yield store
-    finally:
-        await store.aclose()
 
 
 def found(page: SearchPage) -> list[tuple[str, int]]:
